@@ -1,0 +1,187 @@
+"""Benchmark the real jitted training step: constant depth vs stochastic depth (and a PyTorch peer).
+
+    python -m sd_jax.bench --depth 110 --batch-size 128 [--steps 3] [--rounds 5] [--dtype float32]
+        [--peer torch] [--scan-blocks] [--conv-grads auto|explicit|xla]
+
+Each configuration is compiled, warmed up, then timed in rounds; every round times each
+configuration once, alternately, so drifts of a noisy machine hit them all alike. Prints one JSON
+object per configuration and a final summary object.
+"""
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sd_jax import training
+from sd_jax.config import default_config
+from sd_jax.models import blocks_per_stage
+from sd_jax.schedules import survival_probabilities
+
+# (name, p_last, survival mode): constant depth, the paper's setting, and the all-dropped floor.
+CONFIGURATIONS = (("constant", 1.0, "linear"), ("stochastic", 0.5, "linear"), ("floor", 0.0, "uniform"))
+PEER_PATH = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "peers", "torch_resnet_sd.py")
+
+
+def block_costs(depth: int, image_size: int = 32):
+    """Multiply-adds of each residual branch, and of everything outside the blocks (stem, head)."""
+    n = blocks_per_stage(depth)
+    costs = []
+    channels_in, size = 16, image_size
+    for stage, channels in enumerate((16, 32, 64)):
+        for i in range(n):
+            out_size = size // 2 if (stage > 0 and i == 0) else size
+            costs.append(9 * out_size * out_size * channels * (channels_in + channels))
+            channels_in, size = channels, out_size
+    stem = 9 * image_size * image_size * 3 * 16 + 64 * 10
+    return np.array(costs, np.float64), float(stem)
+
+
+def expected_step_ratio(depth: int, p_last: float, mode: str) -> float:
+    """Expected compute of a stochastic-depth step relative to constant depth (blocks weighted by cost)."""
+    costs, fixed = block_costs(depth)
+    p = survival_probabilities(len(costs), p_last, mode)
+    return float((fixed + (p * costs).sum()) / (fixed + costs.sum()))
+
+
+def random_train_data(num_images: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {"images": jnp.asarray(rng.integers(0, 256, (num_images, 32, 32, 3), dtype=np.uint8)),
+            "labels": jnp.asarray(rng.integers(0, 10, num_images, dtype=np.int32)),
+            "mean": jnp.full((3,), 0.5, jnp.float32), "std": jnp.full((3,), 0.25, jnp.float32)}
+
+
+class JaxStep:
+    """The training loop's own jitted multi-step function, on random CIFAR-shaped data."""
+
+    def __init__(self, args, p_last: float, mode: str):
+        config = default_config()
+        config.update(depth=args.depth, batch_size=args.batch_size, p_last=p_last, survival_mode=mode,
+                      dtype=args.dtype, scan_blocks=args.scan_blocks, conv_grads=args.conv_grads)
+        self.steps = args.steps
+        self.train = random_train_data(args.batch_size * args.steps)
+        setup = training.Setup(model=training.build_model(config, 10), tx=training.make_optimizer(config, args.steps),
+                               steps_per_epoch=args.steps, total_steps=args.steps, translate=4, flip=True)
+        self.keys = training.run_keys(0)
+        self.state = training.create_train_state(self.keys["init"], setup, (32, 32, 3))
+        self.perm = jnp.arange(args.batch_size * args.steps)
+        start = time.perf_counter()
+        self.fn = training.make_train_steps(setup, config).lower(
+            self.state, self.train, self.keys, self.perm, 0, self.steps).compile()
+        self.compile_s = time.perf_counter() - start
+        self.run()  # warm-up
+
+    def run(self) -> float:
+        """Seconds per step of one call running `steps` steps."""
+        start = time.perf_counter()
+        self.state, sums = self.fn(self.state, self.train, self.keys, self.perm, 0, self.steps)
+        jax.block_until_ready(sums)
+        return (time.perf_counter() - start) / self.steps
+
+
+class TorchStep:
+    """The PyTorch eager peer from shared/peers, timed step by step."""
+
+    def __init__(self, args, p_last: float, mode: str):
+        import torch
+        import torch.nn.functional as F
+
+        spec = importlib.util.spec_from_file_location("torch_resnet_sd", args.peer_path)
+        peer = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(peer)
+        torch.manual_seed(0)
+        self.model = peer.ResNetSD(args.depth, 10, p_last, mode).train()
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9, nesterov=True,
+                                   weight_decay=1e-4)
+        self.x = torch.randn(args.batch_size, 3, 32, 32)
+        self.y = torch.randint(0, 10, (args.batch_size,))
+        self.steps, self.F, self.compile_s = args.steps, F, 0.0
+        self.run()  # warm-up
+
+    def run(self) -> float:
+        start = time.perf_counter()
+        for _ in range(self.steps):
+            self.opt.zero_grad(set_to_none=True)
+            self.F.cross_entropy(self.model(self.x), self.y).backward()
+            self.opt.step()
+        return (time.perf_counter() - start) / self.steps
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--depth", type=int, default=110)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=3, help="training steps per timed jitted call")
+    parser.add_argument("--rounds", type=int, default=5, help="timed calls per configuration")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--scan-blocks", action="store_true")
+    parser.add_argument("--conv-grads", default="auto", choices=("auto", "explicit", "xla"))
+    parser.add_argument("--configs", default="constant,stochastic,floor",
+                        help="comma-separated subset of " + ",".join(c[0] for c in CONFIGURATIONS))
+    parser.add_argument("--peer", choices=("torch",), help="also time the PyTorch eager peer")
+    parser.add_argument("--peer-path", default=PEER_PATH, help="path of torch_resnet_sd.py")
+    args = parser.parse_args(argv)
+    blocks_per_stage(args.depth)
+    unknown = set(args.configs.split(",")) - {c[0] for c in CONFIGURATIONS}
+    if unknown:
+        parser.error(f"unknown --configs {sorted(unknown)}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    wanted = args.configs.split(",")
+    runners = []
+    for name, p_last, mode in CONFIGURATIONS:
+        if name in wanted:
+            runners.append(("jax", name, p_last, mode, JaxStep(args, p_last, mode)))
+            if args.peer:
+                runners.append((args.peer, name, p_last, mode, TorchStep(args, p_last, mode)))
+    times = [[] for _ in runners]
+    for _ in range(args.rounds):
+        for runner, runner_times in zip(runners, times):
+            runner_times.append(runner[4].run())
+    device = jax.devices()[0]
+    results = {}
+    for (framework, name, p_last, mode, step), runner_times in zip(runners, times):
+        median = statistics.median(runner_times)
+        row = {"framework": framework, "config": name, "depth": args.depth, "p_last": p_last, "mode": mode,
+               "batch_size": args.batch_size, "dtype": args.dtype, "compile_s": round(step.compile_s, 3),
+               "step_s_median": median, "images_per_s": args.batch_size / median,
+               "device_kind": device.device_kind if framework == "jax" else "cpu (torch)"}
+        results[(framework, name)] = row
+        print(json.dumps(row), flush=True)
+    summary = {"summary": True, "depth": args.depth, "batch_size": args.batch_size, "dtype": args.dtype,
+               "backend": jax.default_backend(), "device_kind": device.device_kind, "jax": jax.__version__,
+               "machine": platform.node(), "cpu_count": os.cpu_count(),
+               "date": datetime.date.today().isoformat(), "scan_blocks": args.scan_blocks,
+               "conv_grads": args.conv_grads, "steps": args.steps, "rounds": args.rounds}
+    for framework in ("jax", args.peer):
+        const, sd = results.get((framework, "constant")), results.get((framework, "stochastic"))
+        if const and sd:
+            key = "sd_over_constant" if framework == "jax" else f"{framework}_sd_over_constant"
+            summary[key] = sd["step_s_median"] / const["step_s_median"]
+    if ("jax", "stochastic") in results:
+        summary["expected_ratio"] = expected_step_ratio(args.depth, 0.5, "linear")
+    if ("jax", "floor") in results and ("jax", "constant") in results:
+        summary["floor_over_constant"] = results[("jax", "floor")]["step_s_median"] / results[("jax", "constant")]["step_s_median"]
+    if args.peer:
+        for name in wanted:
+            if ("jax", name) in results and (args.peer, name) in results:
+                summary[f"speedup_vs_peer_{name}"] = (results[(args.peer, name)]["step_s_median"]
+                                                      / results[("jax", name)]["step_s_median"])
+        if "speedup_vs_peer_stochastic" in summary:
+            summary["speedup_vs_peer"] = summary["speedup_vs_peer_stochastic"]
+    print(json.dumps(summary), flush=True)
+    return results, summary
+
+
+if __name__ == "__main__":
+    main()

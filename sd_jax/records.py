@@ -1,0 +1,83 @@
+"""A run's files in its workdir: config.json, metrics.jsonl (one line per epoch) and summary.json."""
+import json
+import os
+import tempfile
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+class WorkdirError(OSError):
+    """The workdir cannot be used; the message says why and what to do."""
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """Write JSON to a temporary file and rename it into place: never a half-written file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_metrics(workdir: str) -> list:
+    with open(os.path.join(workdir, METRICS_FILE)) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def read_json(workdir: str, name: str):
+    with open(os.path.join(workdir, name)) as f:
+        return json.load(f)
+
+
+def summarize(history: list) -> dict:
+    """The paper's reported number: test error at the epoch of lowest validation error (first on ties)."""
+    best = min(history, key=lambda line: (line["val_error"], line["epoch"]))
+    return {
+        "best_val_epoch": best["epoch"],
+        "best_val_error": best["val_error"],
+        "test_error_at_best_val": best["test_error"],
+        "final_test_error": history[-1]["test_error"],
+        "final_val_error": history[-1]["val_error"],
+        "epochs_completed": history[-1]["epoch"],
+        "train_time_s": sum(line["epoch_time_s"] for line in history),
+    }
+
+
+class RunDir:
+    """The workdir of one run."""
+
+    def __init__(self, workdir: str):
+        self.workdir = workdir
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.workdir, name)
+
+    def check_writable(self) -> None:
+        try:
+            os.makedirs(self.workdir, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.workdir):
+                pass
+        except OSError as e:
+            raise WorkdirError(f"workdir {self.workdir!r} is not writable ({e.strerror}); "
+                               "pass a --workdir you can write to") from None
+
+    def start(self, config) -> None:
+        """Claim the workdir for a new run and write config.json."""
+        self.check_writable()
+        if os.path.exists(self.path(METRICS_FILE)):
+            raise WorkdirError(f"workdir {self.workdir!r} already holds a run ({METRICS_FILE}); "
+                               "choose a new --workdir")
+        write_json_atomic(self.path(CONFIG_FILE), json.loads(config.to_json_best_effort()))
+
+    def append_metrics(self, line: dict) -> None:
+        """Append one epoch's line and flush it to disk, so an interrupted run keeps every finished epoch."""
+        with open(self.path(METRICS_FILE), "a") as f:
+            f.write(json.dumps(line, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def write_summary(self, summary: dict) -> None:
+        write_json_atomic(self.path(SUMMARY_FILE), summary)

@@ -1,0 +1,253 @@
+"""The training loop: a pure train step, many steps per jitted call, evaluation every epoch.
+
+The whole dataset sits on the device as uint8; each epoch draws a permutation on the device and
+every step gathers, normalises and augments its batch inside the jitted loop. Step randomness is
+`fold_in(root, step)`, so a run is reproducible from its seed.
+"""
+import dataclasses
+import functools
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax.training import train_state
+
+from sd_jax import augment, data, records
+from sd_jax.config import validate
+from sd_jax.models import ResNetCIFAR, active_blocks, count_params
+from sd_jax.schedules import drop_scale, expected_active_blocks
+
+
+class TrainState(train_state.TrainState):
+    batch_stats: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What a run needs besides the config: the model, the optimiser and the data geometry."""
+
+    model: ResNetCIFAR
+    tx: optax.GradientTransformation
+    steps_per_epoch: int
+    total_steps: int
+    translate: int
+    flip: bool
+
+
+def build_model(config, num_classes: int) -> ResNetCIFAR:
+    return ResNetCIFAR(
+        depth=config.depth, num_classes=num_classes, p_last=config.p_last, mode=config.survival_mode,
+        drop_mode=config.drop_mode, dtype=jnp.dtype(config.dtype), scan_blocks=config.scan_blocks,
+        conv_grads=config.conv_grads,
+    )
+
+
+def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
+    """Piecewise-constant: learning_rate, multiplied by lr_decay at each boundary epoch."""
+    return optax.piecewise_constant_schedule(
+        config.learning_rate, {int(b) * steps_per_epoch: config.lr_decay for b in config.lr_boundaries})
+
+
+def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
+    """SGD with (Nesterov) momentum; weight decay on every parameter, as in the paper's Torch code."""
+    return optax.chain(
+        optax.add_decayed_weights(config.weight_decay),
+        optax.sgd(learning_rate_schedule(config, steps_per_epoch), momentum=config.momentum,
+                  nesterov=config.nesterov),
+    )
+
+
+def make_setup(config, dataset: data.Dataset) -> Setup:
+    steps_per_epoch = len(dataset.train) // config.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"batch_size={config.batch_size} exceeds the {len(dataset.train)} training images")
+    return Setup(
+        model=build_model(config, dataset.num_classes),
+        tx=make_optimizer(config, steps_per_epoch),
+        steps_per_epoch=steps_per_epoch,
+        total_steps=steps_per_epoch * config.num_epochs,
+        translate=dataset.translate if config.augment_translate is None else config.augment_translate,
+        flip=dataset.flip if config.augment_flip is None else config.augment_flip,
+    )
+
+
+def create_train_state(key, setup: Setup, image_shape) -> TrainState:
+    variables = jax.jit(lambda k: setup.model.init(k, jnp.zeros((1,) + tuple(image_shape))))(key)
+    return TrainState.create(apply_fn=setup.model.apply, params=variables["params"],
+                             batch_stats=variables["batch_stats"], tx=setup.tx)
+
+
+def run_keys(seed: int) -> dict:
+    """Independent root keys for parameter init, shuffling, augmentation and block gates."""
+    init, shuffle, augmentation, drop = jax.random.split(jax.random.key(seed), 4)
+    return {"init": init, "shuffle": shuffle, "augment": augmentation, "drop": drop}
+
+
+def train_step(state: TrainState, images, labels, keys, setup: Setup, config):
+    """One SGD step on one batch; returns the new state and summed metrics of the batch."""
+    step = state.step
+    scale = drop_scale(step, setup.total_steps, config.drop_warmup)
+
+    def loss_fn(params):
+        logits, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats}, images, train=True, drop_scale=scale,
+            rngs={"drop": jax.random.fold_in(keys["drop"], step)}, mutable=["batch_stats", "gates"])
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return loss, (logits, updates)
+
+    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
+    n = labels.shape[0]
+    metrics = {
+        "loss": loss * n,
+        "errors": jnp.sum(jnp.argmax(logits, -1) != labels).astype(jnp.float32),
+        "active_blocks": active_blocks(updates["gates"]).astype(jnp.float32),
+        "steps": jnp.float32(1.0),
+    }
+    return state, metrics
+
+
+def make_train_steps(setup: Setup, config):
+    """Jitted (state, train data, epoch permutation, first, count) -> (state, summed metrics).
+
+    Runs `count` consecutive steps of the epoch starting at its step `first` in one device loop;
+    both are traced, so every chunk length shares one compilation.
+    """
+    batch = config.batch_size
+    dtype = jnp.dtype(config.dtype)
+
+    def train_steps(state, train, keys, perm, first, count):
+        def body(i, carry):
+            state, sums = carry
+            indices = jax.lax.dynamic_slice(perm, ((first + i) * batch,), (batch,))
+            images, labels = augment.training_batch(
+                jax.random.fold_in(keys["augment"], state.step), train["images"], train["labels"], indices,
+                train["mean"], train["std"], setup.translate, setup.flip, dtype)
+            state, metrics = train_step(state, images, labels, keys, setup, config)
+            return state, jax.tree.map(jnp.add, sums, metrics)
+
+        zeros = {k: jnp.float32(0.0) for k in ("loss", "errors", "active_blocks", "steps")}
+        return jax.lax.fori_loop(0, count, body, (state, zeros))
+
+    return jax.jit(train_steps, donate_argnums=0)
+
+
+def epoch_permutation(keys, epoch, num_train: int):
+    return jax.random.permutation(jax.random.fold_in(keys["shuffle"], epoch), num_train)
+
+
+def device_eval_split(split: data.Split, batch_size: int) -> dict:
+    """An evaluation split on the device, padded to whole batches (padding labelled -1)."""
+    n = len(split)
+    batches = -(-n // batch_size)
+    pad = batches * batch_size - n
+    images = np.concatenate([split.images, np.zeros((pad,) + split.images.shape[1:], np.uint8)])
+    labels = np.concatenate([split.labels, -np.ones(pad, np.int32)])
+    return {"images": jnp.asarray(images.reshape((batches, batch_size) + images.shape[1:])),
+            "labels": jnp.asarray(labels.reshape(batches, batch_size))}
+
+
+def make_count_errors(config):
+    """Jitted (state, eval split, mean, std) -> number of misclassified images (eval mode)."""
+    dtype = jnp.dtype(config.dtype)
+
+    def count_errors(state, split, mean, std):
+        def batch_errors(batch):
+            images, labels = batch
+            logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
+                                    augment.normalize(images, mean, std, dtype), train=False)
+            return jnp.sum((jnp.argmax(logits, -1) != labels) & (labels >= 0))
+
+        return jnp.sum(jax.lax.map(batch_errors, (split["images"], split["labels"])))
+
+    return jax.jit(count_errors)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Train as `config` says, writing config.json, metrics.jsonl and summary.json to `workdir`."""
+    validate(config, data.LOADERS)
+    run_dir = records.RunDir(workdir)
+    run_dir.start(config)
+    wall_start = time.perf_counter()
+
+    dataset = data.load_dataset(config.dataset, config.data_dir)
+    if config.num_classes is not None and config.num_classes != dataset.num_classes:
+        raise ValueError(f"num_classes={config.num_classes} but {dataset.name} has {dataset.num_classes} classes;"
+                         " leave num_classes unset to take it from the dataset")
+    setup = make_setup(config, dataset)
+    keys = run_keys(config.seed)
+    state = create_train_state(keys["init"], setup, dataset.train.images.shape[1:])
+    num_params = count_params(state.params)
+    expected_active = expected_active_blocks(setup.model.num_blocks, config.p_last, config.survival_mode)
+
+    train = {"images": jnp.asarray(dataset.train.images), "labels": jnp.asarray(dataset.train.labels),
+             "mean": jnp.asarray(dataset.mean), "std": jnp.asarray(dataset.std)}
+    evals = {"val": device_eval_split(dataset.val, config.eval_batch_size),
+             "test": device_eval_split(dataset.test, config.eval_batch_size)}
+    sizes = {"val": len(dataset.val), "test": len(dataset.test)}
+    logging.info("%s: %d train / %d val / %d test images; ResNet-%d, %d parameters, %d blocks, "
+                 "%.2f expected active; %d steps/epoch on %s", dataset.name, len(dataset.train), sizes["val"],
+                 sizes["test"], config.depth, num_params, setup.model.num_blocks, expected_active,
+                 setup.steps_per_epoch, jax.devices()[0].device_kind)
+
+    compile_start = time.perf_counter()
+    perm = epoch_permutation(keys, 0, len(dataset.train))
+    train_steps = make_train_steps(setup, config).lower(state, train, keys, perm, 0, 1).compile()
+    count_errors = make_count_errors(config)
+    count_errors.lower(state, evals["val"], train["mean"], train["std"]).compile()
+    compile_s = time.perf_counter() - compile_start
+    logging.info("compiled the train step in %.1f s", compile_s)
+
+    schedule = learning_rate_schedule(config, setup.steps_per_epoch)
+    chunk = min(config.steps_per_call, setup.steps_per_epoch)
+    history = []
+    for epoch in range(1, config.num_epochs + 1):
+        lr = float(schedule(int(state.step)))
+        perm = epoch_permutation(keys, epoch, len(dataset.train))
+        epoch_start = last_log = time.perf_counter()
+        totals = None
+        for first in range(0, setup.steps_per_epoch, chunk):
+            count = min(chunk, setup.steps_per_epoch - first)
+            state, sums = train_steps(state, train, keys, perm, first, count)
+            sums = {k: float(v) for k, v in jax.device_get(sums).items()}
+            totals = sums if totals is None else {k: totals[k] + sums[k] for k in sums}
+            if time.perf_counter() - last_log > 30 and first + count < setup.steps_per_epoch:
+                last_log = time.perf_counter()
+                logging.info("epoch %d: step %d/%d, loss %.4f", epoch, first + count, setup.steps_per_epoch,
+                             totals["loss"] / (totals["steps"] * config.batch_size))
+        epoch_time = time.perf_counter() - epoch_start
+        images_seen = totals["steps"] * config.batch_size
+        errors = {name: 100.0 * float(count_errors(state, split, train["mean"], train["std"])) / sizes[name]
+                  for name, split in evals.items()}
+        if not np.isfinite(totals["loss"]):
+            raise FloatingPointError(f"training loss became {totals['loss']} in epoch {epoch}")
+        line = {
+            "epoch": epoch,
+            "train_loss": float(totals["loss"] / images_seen),
+            "train_error": float(100.0 * totals["errors"] / images_seen),
+            "val_error": errors["val"],
+            "test_error": errors["test"],
+            "lr": lr,
+            "epoch_time_s": epoch_time,
+            "images_per_s": images_seen / epoch_time,
+            "mean_active_blocks": float(totals["active_blocks"] / totals["steps"]),
+        }
+        run_dir.append_metrics(line)
+        history.append(line)
+        logging.info("epoch %d/%d  loss %.4f  train %.2f%%  val %.2f%%  test %.2f%%  lr %.4g  %.1f s "
+                     "(%.0f img/s)  active blocks %.1f/%d", epoch, config.num_epochs, line["train_loss"],
+                     line["train_error"], line["val_error"], line["test_error"], lr, epoch_time,
+                     line["images_per_s"], line["mean_active_blocks"], setup.model.num_blocks)
+
+    summary = records.summarize(history)
+    summary.update(num_params=num_params, expected_active_blocks=expected_active, compile_s=compile_s,
+                   wall_time_s=time.perf_counter() - wall_start)
+    run_dir.write_summary(summary)
+    logging.info("test error at best validation (epoch %d): %.2f%%; final test error %.2f%%",
+                 summary["best_val_epoch"], summary["test_error_at_best_val"], summary["final_test_error"])
+    return summary

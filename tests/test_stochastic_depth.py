@@ -1,0 +1,128 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sd_jax.models import BasicBranch, option_a_shortcut
+from sd_jax.stochastic_depth import StochasticDepth
+
+X = jax.random.normal(jax.random.key(0), (8, 8, 8, 4))
+
+
+def make_layer(mode="block", features=8, stride=2):
+    branch = BasicBranch(features, stride, parent=None)
+    shortcut = lambda x: option_a_shortcut(x, features, stride)
+    return StochasticDepth(branch, shortcut, mode), branch, shortcut
+
+
+def init(layer):
+    return layer.init(jax.random.key(1), X, 1.0, train=True)
+
+
+def perturb_batch_stats(variables):
+    """Non-trivial running statistics, so that eval-mode outputs depend on them."""
+    stats = jax.tree.map(lambda v: v + 0.3, variables["batch_stats"])
+    return {"params": variables["params"], "batch_stats": stats}
+
+
+def train_apply(layer, variables, p, seed=2, drop_scale=1.0):
+    return layer.apply(variables, X, p, train=True, drop_scale=drop_scale, rngs={"drop": jax.random.key(seed)},
+                       mutable=["batch_stats", "gates"])
+
+
+def branch_variables(variables):
+    return {c: variables[c]["f"] for c in ("params", "batch_stats")}
+
+
+def test_closed_gate_returns_shortcut_and_keeps_batch_stats():
+    layer, _, shortcut = make_layer()
+    variables = perturb_batch_stats(init(layer))
+    out, updates = train_apply(layer, variables, 0.0)
+    np.testing.assert_array_equal(out, shortcut(X))
+    for a, b in zip(jax.tree.leaves(updates["batch_stats"]), jax.tree.leaves(variables["batch_stats"])):
+        np.testing.assert_array_equal(a, b)
+    assert float(updates["gates"]["active"][0]) == 0.0
+
+
+def test_open_gate_runs_the_branch_and_updates_batch_stats():
+    layer, branch, shortcut = make_layer()
+    variables = perturb_batch_stats(init(layer))
+    out, updates = train_apply(layer, variables, 1.0)
+    residual, branch_updates = branch.apply(branch_variables(variables), X, train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(out, jax.nn.relu(shortcut(X) + residual), atol=1e-6)
+    for a, b in zip(jax.tree.leaves(updates["batch_stats"]["f"]), jax.tree.leaves(branch_updates["batch_stats"])):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert float(updates["gates"]["active"][0]) == 1.0
+
+
+def test_dropped_branch_gets_zero_gradient():
+    layer, _, _ = make_layer()
+    variables = init(layer)
+
+    def grads(p):
+        def loss(params):
+            out, _ = train_apply(layer, {"params": params, "batch_stats": variables["batch_stats"]}, p)
+            return jnp.sum(out ** 2)
+        return jax.grad(loss)(variables["params"])
+
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads(0.0)))
+    assert all(float(jnp.abs(g).max()) > 0.0 for g in jax.tree.leaves(grads(1.0)))
+
+
+@pytest.mark.parametrize("p", [0.3, 0.75])
+def test_eval_scales_branch_by_survival_probability(p):
+    layer, branch, shortcut = make_layer()
+    variables = perturb_batch_stats(init(layer))
+    out = layer.apply(variables, X, p, train=False)
+    residual = branch.apply(branch_variables(variables), X, train=False)
+    np.testing.assert_allclose(out, jax.nn.relu(shortcut(X) + p * residual), atol=1e-6)
+
+
+def test_gate_frequency_matches_survival_probability():
+    layer, _, _ = make_layer()
+    variables = init(layer)
+    draws = 400
+    gates = jax.vmap(lambda k: layer.apply(variables, X, 0.3, train=True, rngs={"drop": k},
+                                           mutable=["batch_stats", "gates"])[1]["gates"]["active"][0])(
+        jax.random.split(jax.random.key(5), draws))
+    rate = float(jnp.mean(gates))
+    assert abs(rate - 0.3) < 4 * np.sqrt(0.3 * 0.7 / draws)
+
+
+def test_warmup_scale_zero_keeps_every_block():
+    layer, _, _ = make_layer()
+    variables = init(layer)
+    for seed in range(20):
+        _, updates = train_apply(layer, variables, 0.05, seed=seed, drop_scale=0.0)
+        assert float(updates["gates"]["active"][0]) == 1.0
+
+
+def test_sample_mode_masks_examples_and_rescales():
+    p = 0.5
+    layer, branch, shortcut = make_layer(mode="sample")
+    variables = init(layer)
+    out, updates = train_apply(layer, variables, p)
+    residual, _ = branch.apply(branch_variables(variables), X, train=True, mutable=["batch_stats"])
+    dropped = jnp.all(out == jax.nn.relu(shortcut(X)), axis=(1, 2, 3))
+    kept = jnp.all(jnp.abs(out - jax.nn.relu(shortcut(X) + residual / p)) < 1e-5, axis=(1, 2, 3))
+    assert bool(jnp.all(dropped ^ kept))
+    assert float(updates["gates"]["active"][0]) == pytest.approx(float(jnp.mean(kept)))
+    eval_out = layer.apply(variables, X, p, train=False)
+    np.testing.assert_allclose(
+        eval_out, jax.nn.relu(shortcut(X) + branch.apply(branch_variables(variables), X, train=False)), atol=1e-6)
+
+
+def test_wraps_any_branch_without_activation():
+    class Dense(nn.Module):
+        @nn.compact
+        def __call__(self, x, train):
+            return nn.Dense(x.shape[-1])(x)
+
+    layer = StochasticDepth(Dense(parent=None), activation=None)
+    x = jnp.ones((3, 5))
+    variables = layer.init(jax.random.key(0), x, 1.0, train=True)
+    dense = nn.Dense(5).apply({"params": variables["params"]["f"]["Dense_0"]}, x)
+    np.testing.assert_allclose(layer.apply(variables, x, 0.5, train=False), x + 0.5 * dense, atol=1e-6)
+    out, _ = layer.apply(variables, x, 0.0, train=True, rngs={"drop": jax.random.key(0)}, mutable=["gates"])
+    np.testing.assert_array_equal(out, x)
