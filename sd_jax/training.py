@@ -78,8 +78,9 @@ def make_setup(config, dataset: data.Dataset) -> Setup:
 
 def create_train_state(key, setup: Setup, image_shape) -> TrainState:
     variables = jax.jit(lambda k: setup.model.init(k, jnp.zeros((1,) + tuple(image_shape))))(key)
-    return TrainState.create(apply_fn=setup.model.apply, params=variables["params"],
-                             batch_stats=variables["batch_stats"], tx=setup.tx)
+    state = TrainState.create(apply_fn=setup.model.apply, params=variables["params"],
+                              batch_stats=variables["batch_stats"], tx=setup.tx)
+    return state.replace(step=jnp.zeros((), jnp.int32))
 
 
 def run_keys(seed: int) -> dict:
@@ -207,7 +208,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     chunk = min(config.steps_per_call, setup.steps_per_epoch)
     history = []
     for epoch in range(1, config.num_epochs + 1):
-        lr = float(schedule(int(state.step)))
+        lr = float(f"{float(schedule(int(state.step))):.7g}")  # float32 -> the decimal the config gave
         perm = epoch_permutation(keys, epoch, len(dataset.train))
         epoch_start = last_log = time.perf_counter()
         totals = None

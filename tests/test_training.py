@@ -1,0 +1,145 @@
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sd_jax import data, records, training
+from sd_jax.config import default_config
+from tests.conftest import ROOT
+
+
+def tiny_config(**overrides):
+    config = default_config()
+    config.update(dataset="synthetic", depth=8, num_epochs=3, lr_boundaries=(2,), steps_per_call=3,
+                  eval_batch_size=100)
+    config.update(**overrides)
+    return config
+
+
+def setup_for(config, dataset=None):
+    dataset = dataset or data.load_dataset(config.dataset)
+    return training.make_setup(config, dataset), dataset
+
+
+def count_conditionals(config):
+    setup, dataset = setup_for(config)
+    keys = training.run_keys(0)
+    state = training.create_train_state(keys["init"], setup, dataset.train.images.shape[1:])
+    train = {"images": jnp.asarray(dataset.train.images), "labels": jnp.asarray(dataset.train.labels),
+             "mean": jnp.asarray(dataset.mean), "std": jnp.asarray(dataset.std)}
+    perm = jnp.arange(len(dataset.train))
+    hlo = training.make_train_steps(setup, config).lower(state, train, keys, perm, 0, 1).compile().as_text()
+    return hlo.count(" conditional(")
+
+
+@pytest.mark.parametrize("scan_blocks,expected", [(False, 2 * 9), (True, 2 * 6)])
+def test_compiled_train_step_has_a_conditional_per_block(scan_blocks, expected):
+    # ResNet-20: 9 gated blocks, each a conditional in the forward and one in the backward pass;
+    # with scan_blocks: the first block of each stage plus one in each scanned stage body.
+    assert count_conditionals(tiny_config(depth=20, scan_blocks=scan_blocks)) == expected
+
+
+def test_sample_mode_has_no_conditional():
+    assert count_conditionals(tiny_config(drop_mode="sample")) == 0
+
+
+def test_warmup_starts_with_every_block_active():
+    config = tiny_config(p_last=0.05, drop_warmup=0.5, depth=14)
+    setup, dataset = setup_for(config)
+    keys = training.run_keys(0)
+    state = training.create_train_state(keys["init"], setup, dataset.train.images.shape[1:])
+    images = jnp.asarray(dataset.train.images[:16], jnp.float32) / 255.0
+    labels = jnp.asarray(dataset.train.labels[:16])
+    _, metrics = jax.jit(lambda s: training.train_step(s, images, labels, keys, setup, config))(state)
+    assert float(metrics["active_blocks"]) == setup.model.num_blocks == 6
+    later = state.replace(step=jnp.asarray(setup.total_steps, state.step.dtype))
+    actives = [float(jax.jit(lambda s, k: training.train_step(s, images, labels, k, setup, config))(
+        later, {**keys, "drop": jax.random.key(i)})[1]["active_blocks"]) for i in range(5)]
+    assert np.mean(actives) < 6
+
+
+def test_short_run_learns_and_is_reproducible(tmp_path):
+    config = tiny_config()
+    first = training.train_and_evaluate(config, str(tmp_path / "a"))
+    again = training.train_and_evaluate(config, str(tmp_path / "b"))
+    lines_a = records.read_metrics(str(tmp_path / "a"))
+    lines_b = records.read_metrics(str(tmp_path / "b"))
+    assert [l["epoch"] for l in lines_a] == [1, 2, 3]
+    assert lines_a[-1]["train_loss"] < lines_a[0]["train_loss"]
+    assert lines_a[-1]["val_error"] < 50.0  # chance is 90%
+    timing = {"epoch_time_s", "images_per_s"}
+    for a, b in zip(lines_a, lines_b):
+        assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
+    assert first["test_error_at_best_val"] == again["test_error_at_best_val"]
+    assert lines_a[0]["lr"] == 0.1 and lines_a[2]["lr"] == pytest.approx(0.01)
+    assert 0 < lines_a[0]["mean_active_blocks"] <= 3
+
+
+def run_train(args, cwd=ROOT):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_quickstart_writes_its_files_and_reaches_target(tmp_path):
+    workdir = tmp_path / "quickstart"
+    result = run_train(["--config", "configs/quickstart.py", "--workdir", str(workdir)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["dataset"] == "digits" and config["depth"] == 20
+    lines = records.read_metrics(str(workdir))
+    assert [l["epoch"] for l in lines] == list(range(1, config["num_epochs"] + 1))
+    for key in ("epoch", "train_loss", "train_error", "val_error", "test_error", "lr", "epoch_time_s",
+                "images_per_s", "mean_active_blocks"):
+        assert all(key in l for l in lines), key
+    summary = json.loads((workdir / "summary.json").read_text())
+    best = int(np.argmin([l["val_error"] for l in lines]))
+    assert summary["best_val_epoch"] == lines[best]["epoch"]
+    assert summary["test_error_at_best_val"] == lines[best]["test_error"]
+    assert summary["final_test_error"] == lines[-1]["test_error"]
+    assert summary["num_params"] == 269_434  # ResNet-20 on 1-channel images: 27*16 - 9*16 fewer weights
+    assert summary["expected_active_blocks"] == pytest.approx(6.5)
+    assert summary["train_time_s"] == pytest.approx(sum(l["epoch_time_s"] for l in lines))
+    assert summary["test_error_at_best_val"] < 3.0
+    assert "epoch 30/30" in result.stderr
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.depth=21", "6n+2"),
+    ("--config.p_last=0.0", "p_last"),
+    ("--config.num_epochs=-1", "num_epochs"),
+    ("--config.lr_boundaries=(300,200)", "lr_boundaries"),
+    ("--config.dataset=imagenet", "dataset"),
+    ("--config.dtype=float16", "dtype"),
+])
+def test_bad_config_values_exit_2_and_write_nothing(tmp_path, override, message):
+    workdir = tmp_path / "run"
+    result = run_train(["--config", "configs/quickstart.py", "--workdir", str(workdir), override])
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr
+    assert not workdir.exists()
+
+
+def test_unknown_config_key_is_rejected(tmp_path):
+    result = run_train(["--config", "configs/quickstart.py", "--workdir", str(tmp_path / "r"),
+                        "--config.learning_rat=0.1"])
+    assert result.returncode != 0
+    assert "learning_rat" in result.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_unwritable_workdir_and_existing_run(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    result = run_train(["--config", "configs/quickstart.py", "--workdir", str(blocker / "run")])
+    assert result.returncode == 2 and "not writable" in result.stderr
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / records.METRICS_FILE).write_text("{}\n")
+    result = run_train(["--config", "configs/quickstart.py", "--workdir", str(done)])
+    assert result.returncode == 2 and "already holds a run" in result.stderr
+    assert (done / records.METRICS_FILE).read_text() == "{}\n"
