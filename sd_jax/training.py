@@ -153,20 +153,23 @@ def device_eval_split(split: data.Split, batch_size: int) -> dict:
             "labels": jnp.asarray(labels.reshape(batches, batch_size))}
 
 
-def make_count_errors(config):
-    """Jitted (state, eval split, mean, std) -> number of misclassified images (eval mode)."""
+def make_count_errors(config, model: ResNetCIFAR):
+    """Jitted (variables, eval split, mean, std) -> number of misclassified images (eval mode)."""
     dtype = jnp.dtype(config.dtype)
 
-    def count_errors(state, split, mean, std):
+    def count_errors(variables, split, mean, std):
         def batch_errors(batch):
             images, labels = batch
-            logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
-                                    augment.normalize(images, mean, std, dtype), train=False)
+            logits = model.apply(variables, augment.normalize(images, mean, std, dtype), train=False)
             return jnp.sum((jnp.argmax(logits, -1) != labels) & (labels >= 0))
 
         return jnp.sum(jax.lax.map(batch_errors, (split["images"], split["labels"])))
 
     return jax.jit(count_errors)
+
+
+def eval_variables(state: TrainState) -> dict:
+    return {"params": state.params, "batch_stats": state.batch_stats}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -199,8 +202,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     compile_start = time.perf_counter()
     perm = epoch_permutation(keys, 0, len(dataset.train))
     train_steps = make_train_steps(setup, config).lower(state, train, keys, perm, 0, 1).compile()
-    count_errors = make_count_errors(config)
-    count_errors.lower(state, evals["val"], train["mean"], train["std"]).compile()
+    count_errors = make_count_errors(config, setup.model)
+    count_errors.lower(eval_variables(state), evals["val"], train["mean"], train["std"]).compile()
     compile_s = time.perf_counter() - compile_start
     logging.info("compiled the train step in %.1f s", compile_s)
 
@@ -223,7 +226,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                              totals["loss"] / (totals["steps"] * config.batch_size))
         epoch_time = time.perf_counter() - epoch_start
         images_seen = totals["steps"] * config.batch_size
-        errors = {name: 100.0 * float(count_errors(state, split, train["mean"], train["std"])) / sizes[name]
+        errors = {name: 100.0 * float(count_errors(eval_variables(state), split, train["mean"], train["std"])) / sizes[name]
                   for name, split in evals.items()}
         if not np.isfinite(totals["loss"]):
             raise FloatingPointError(f"training loss became {totals['loss']} in epoch {epoch}")

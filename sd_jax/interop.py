@@ -1,0 +1,130 @@
+"""PyTorch interop: load CIFAR-ResNet weights in the common PyTorch layout into ResNetCIFAR.
+
+Key layout (as in shared/peers/torch_resnet_sd.py and most PyTorch CIFAR ResNets): `conv1.weight`,
+`bn1.{weight,bias,running_mean,running_var}`, `layer{1,2,3}.{i}.conv{1,2}.weight`,
+`layer{1,2,3}.{i}.bn{1,2}.*`, `linear.{weight,bias}`.
+
+    python -m sd_jax.interop --checkpoint model.pth --depth 110 --dataset cifar10 [--p-last 0.5]
+
+evaluates a PyTorch checkpoint with this package's data pipeline and evaluation code.
+"""
+import argparse
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sd_jax.models import ResNetCIFAR, blocks_per_stage, to_scanned_layout
+
+BN_FIELDS = {"weight": ("params", "scale"), "bias": ("params", "bias"),
+             "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
+IGNORED_SUFFIXES = (".num_batches_tracked",)
+
+
+def _to_numpy(value):
+    if hasattr(value, "detach"):  # a torch tensor
+        value = value.detach().cpu().numpy()
+    return np.asarray(value, np.float32)
+
+
+def _torch_to_flax_paths(depth: int):
+    """{torch key: (collection, flax path tuple, converter)} for the unrolled ResNetCIFAR layout."""
+    conv = lambda w: w.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+    same = lambda w: w
+    mapping = {"conv1.weight": ("params", ("conv1", "kernel"), conv),
+               "linear.weight": ("params", ("linear", "kernel"), lambda w: w.T),
+               "linear.bias": ("params", ("linear", "bias"), same)}
+
+    def add_bn(torch_prefix, flax_prefix):
+        for field, (collection, name) in BN_FIELDS.items():
+            mapping[f"{torch_prefix}.{field}"] = (collection, flax_prefix + (name,), same)
+
+    add_bn("bn1", ("bn1",))
+    for s in range(3):
+        for i in range(blocks_per_stage(depth)):
+            flax_block = (f"stage{s + 1}", f"block{i}", "f")
+            for j in (1, 2):
+                mapping[f"layer{s + 1}.{i}.conv{j}.weight"] = ("params", flax_block + (f"conv{j}", "kernel"), conv)
+                add_bn(f"layer{s + 1}.{i}.bn{j}", flax_block + (f"bn{j}",))
+    return mapping
+
+
+def strip_wrappers(state_dict):
+    """Accept {"state_dict": ...}/{"net": ...}/{"model": ...} checkpoints and DataParallel "module." keys."""
+    for wrapper in ("state_dict", "net", "model"):
+        if isinstance(state_dict.get(wrapper), dict):
+            state_dict = state_dict[wrapper]
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+
+
+def from_torch_state_dict(state_dict, depth: int, num_classes: int = 10, **model_kwargs):
+    """Flax variables {"params", "batch_stats"} for ResNetCIFAR(depth, num_classes, **model_kwargs)."""
+    state_dict = strip_wrappers(dict(state_dict))
+    mapping = _torch_to_flax_paths(depth)
+    given = {k for k in state_dict if not k.endswith(IGNORED_SUFFIXES)}
+    missing, unexpected = sorted(set(mapping) - given), sorted(given - set(mapping))
+    model = ResNetCIFAR(depth, num_classes, **{**model_kwargs, "scan_blocks": False})
+    in_channels = _to_numpy(state_dict["conv1.weight"]).shape[1] if "conv1.weight" in state_dict else 3
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, in_channels)))
+    variables = {"params": {}, "batch_stats": {}}
+    mis_shaped = []
+    for key in sorted(set(mapping) & given):
+        collection, path, convert = mapping[key]
+        value = convert(_to_numpy(state_dict[key]))
+        expected = shapes[collection]
+        for name in path:
+            expected = expected[name]
+        if value.shape != expected.shape:
+            mis_shaped.append(f"{key}: got {tuple(value.shape)}, expected {tuple(expected.shape)} after conversion")
+            continue
+        node = variables[collection]
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = jnp.asarray(value)
+    problems = [f"{label}: {items}" for label, items in
+                (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped", mis_shaped)) if items]
+    if problems:
+        raise ValueError(f"state_dict does not fit ResNet-{depth} with {num_classes} classes; "
+                         + "; ".join(problems))
+    if model_kwargs.get("scan_blocks"):
+        variables = to_scanned_layout(variables, depth)
+    return variables
+
+
+def load_torch_checkpoint(path: str):
+    import torch
+
+    return strip_wrappers(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def main(argv=None):
+    from sd_jax import data, training
+    from sd_jax.config import default_config
+
+    parser = argparse.ArgumentParser(description="Evaluate a PyTorch CIFAR-ResNet checkpoint with sd_jax.")
+    parser.add_argument("--checkpoint", required=True, help=".pth/.pt file holding a state_dict")
+    parser.add_argument("--depth", type=int, required=True)
+    parser.add_argument("--dataset", default="cifar10")
+    parser.add_argument("--data-dir", default="")
+    parser.add_argument("--p-last", type=float, default=1.0, help="survival probability used at training time")
+    parser.add_argument("--survival-mode", default="linear", choices=("linear", "uniform"))
+    args = parser.parse_args(argv)
+    dataset = data.load_dataset(args.dataset, args.data_dir)
+    config = default_config()
+    config.update(depth=args.depth, p_last=args.p_last, survival_mode=args.survival_mode, dataset=args.dataset)
+    variables = from_torch_state_dict(load_torch_checkpoint(args.checkpoint), args.depth, dataset.num_classes,
+                                      p_last=args.p_last, mode=args.survival_mode)
+    model = training.build_model(config, dataset.num_classes)
+    count_errors = training.make_count_errors(config, model)
+    mean, std = jnp.asarray(dataset.mean), jnp.asarray(dataset.std)
+    result = {"checkpoint": args.checkpoint, "depth": args.depth, "dataset": args.dataset}
+    for name, split in (("val", dataset.val), ("test", dataset.test)):
+        errors = count_errors(variables, training.device_eval_split(split, config.eval_batch_size), mean, std)
+        result[f"{name}_error"] = 100.0 * float(errors) / len(split)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sd_jax.bench import PEER_PATH
+from sd_jax.interop import from_torch_state_dict
+from sd_jax.models import ResNetCIFAR
+
+
+def numpy_state_dict(depth, num_classes=10, seed=0):
+    """A state_dict in the PyTorch CIFAR-ResNet layout, shapes written out from PyTorch's conventions."""
+    rng = np.random.default_rng(seed)
+    n = (depth - 2) // 6
+    sd = {"conv1.weight": rng.normal(size=(16, 3, 3, 3))}
+
+    def bn(prefix, c):
+        sd.update({f"{prefix}.weight": rng.uniform(0.5, 1.5, c), f"{prefix}.bias": rng.normal(size=c),
+                   f"{prefix}.running_mean": rng.normal(size=c), f"{prefix}.running_var": rng.uniform(0.5, 2, c),
+                   f"{prefix}.num_batches_tracked": np.array(7)})
+
+    bn("bn1", 16)
+    c_in = 16
+    for s, c in enumerate((16, 32, 64), start=1):
+        for i in range(n):
+            sd[f"layer{s}.{i}.conv1.weight"] = rng.normal(size=(c, c_in, 3, 3)) * 0.1
+            sd[f"layer{s}.{i}.conv2.weight"] = rng.normal(size=(c, c, 3, 3)) * 0.1
+            bn(f"layer{s}.{i}.bn1", c)
+            bn(f"layer{s}.{i}.bn2", c)
+            c_in = c
+    sd["linear.weight"] = rng.normal(size=(num_classes, 64))
+    sd["linear.bias"] = rng.normal(size=num_classes)
+    return sd
+
+
+def test_conversion_places_every_tensor():
+    sd = numpy_state_dict(20)
+    variables = from_torch_state_dict(sd, 20)
+    np.testing.assert_allclose(variables["params"]["conv1"]["kernel"], sd["conv1.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_allclose(variables["params"]["stage2"]["block1"]["f"]["bn2"]["scale"],
+                               sd["layer2.1.bn2.weight"])
+    np.testing.assert_allclose(variables["batch_stats"]["stage3"]["block2"]["f"]["bn1"]["var"],
+                               sd["layer3.2.bn1.running_var"])
+    np.testing.assert_allclose(variables["params"]["linear"]["kernel"], sd["linear.weight"].T)
+    model = ResNetCIFAR(20)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    assert jax.tree.structure(shapes) == jax.tree.structure(variables)
+    scanned = from_torch_state_dict(sd, 20, scan_blocks=True)
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 32, 32, 3)), jnp.float32)
+    np.testing.assert_allclose(ResNetCIFAR(20, scan_blocks=True).apply(scanned, x), model.apply(variables, x),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_wrapped_checkpoints_are_accepted():
+    sd = numpy_state_dict(20)
+    wrapped = {"state_dict": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3}
+    a, b = from_torch_state_dict(wrapped, 20), from_torch_state_dict(sd, 20)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_bad_state_dicts_list_every_problem():
+    sd = numpy_state_dict(20)
+    del sd["layer2.0.conv1.weight"]
+    sd["layer4.0.conv1.weight"] = np.zeros((3, 3, 3, 3))
+    sd["linear.bias"] = np.zeros(7)
+    with pytest.raises(ValueError) as error:
+        from_torch_state_dict(sd, 20)
+    message = str(error.value)
+    assert "missing keys: ['layer2.0.conv1.weight']" in message
+    assert "unexpected keys: ['layer4.0.conv1.weight']" in message
+    assert "linear.bias: got (7,), expected (10,)" in message
+    with pytest.raises(ValueError, match="missing keys"):
+        from_torch_state_dict(numpy_state_dict(20), 32)
+
+
+def load_peer():
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+    if not os.path.exists(PEER_PATH):
+        pytest.skip(f"peer {PEER_PATH} not found")
+    spec = importlib.util.spec_from_file_location("torch_resnet_sd", PEER_PATH)
+    peer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peer)
+    return torch, peer
+
+
+@pytest.mark.parametrize("depth", [20, 110])
+@pytest.mark.parametrize("p_last", [1.0, 0.5])
+def test_eval_logits_match_pytorch(depth, p_last):
+    torch, peer = load_peer()
+    torch.manual_seed(depth)
+    net = peer.ResNetSD(depth, 10, p_last, "linear").train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(3):  # a few steps give non-trivial BatchNorm statistics
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(torch.randn(16, 3, 32, 32)),
+                                          torch.randint(0, 10, (16,))).backward()
+        opt.step()
+    net.eval()
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        expected = net(x).numpy()
+    variables = from_torch_state_dict(net.state_dict(), depth, 10, p_last=p_last, mode="linear")
+    ours = ResNetCIFAR(depth, 10, p_last=p_last).apply(variables, jnp.asarray(x.permute(0, 2, 3, 1).numpy()))
+    assert np.max(np.abs(np.asarray(ours) - expected)) <= 1e-4
+
+
+def test_evaluate_cli_agrees_with_pytorch_on_the_same_data(tmp_path, capsys):
+    torch, peer = load_peer()
+    from sd_jax import data, interop
+    torch.manual_seed(0)
+    net = peer.ResNetSD(8, 10, 0.5, "linear").train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    dataset = data.load_dataset("synthetic")
+    mean, std = dataset.mean.reshape(1, 3, 1, 1), dataset.std.reshape(1, 3, 1, 1)
+
+    def to_torch(images):
+        return torch.from_numpy((images.transpose(0, 3, 1, 2) / np.float32(255.0) - mean) / std).float()
+
+    for start in range(0, 512, 64):  # train briefly, so the error rates are not all 90%
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(to_torch(dataset.train.images[start:start + 64])),
+                                          torch.from_numpy(dataset.train.labels[start:start + 64]).long()).backward()
+        opt.step()
+    net.eval()
+    path = tmp_path / "peer.pth"
+    torch.save({"state_dict": net.state_dict()}, path)
+    result = interop.main(["--checkpoint", str(path), "--depth", "8", "--dataset", "synthetic", "--p-last", "0.5"])
+    assert capsys.readouterr().out.strip().startswith("{")
+    for name, split in (("val", dataset.val), ("test", dataset.test)):
+        with torch.no_grad():
+            predictions = net(to_torch(split.images)).argmax(1).numpy()
+        expected = 100.0 * np.mean(predictions != split.labels)
+        assert result[f"{name}_error"] == pytest.approx(expected, abs=100.0 / len(split) + 1e-9)
