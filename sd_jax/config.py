@@ -40,6 +40,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.augment_flip = ml_collections.FieldReference(None, field_type=bool)  # None -> dataset default
     c.steps_per_call = 50  # training steps per jitted call
     c.eval_batch_size = 1000
+    c.checkpoint_every_epochs = 1
     return c
 
 
@@ -79,6 +80,8 @@ def validate(config: ml_collections.ConfigDict, known_datasets) -> None:
     _require(config.augment_translate is None or config.augment_translate >= 0,
              f"augment_translate={config.augment_translate} must be >= 0 pixels (or None for the dataset default)")
     _require(config.steps_per_call >= 1, f"steps_per_call={config.steps_per_call} must be >= 1")
+    _require(config.checkpoint_every_epochs >= 1,
+             f"checkpoint_every_epochs={config.checkpoint_every_epochs} must be >= 1")
     _require(config.eval_batch_size >= 1, f"eval_batch_size={config.eval_batch_size} must be >= 1")
     _require(config.num_classes is None or config.num_classes >= 2,
              f"num_classes={config.num_classes} must be >= 2 (or None to take it from the dataset)")

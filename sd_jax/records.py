@@ -1,11 +1,16 @@
-"""A run's files in its workdir: config.json, metrics.jsonl (one line per epoch) and summary.json."""
+"""A run's files in its workdir: config.json, metrics.jsonl (one line per epoch), summary.json."""
 import json
 import os
+import shutil
 import tempfile
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+CHECKPOINT_DIR = "checkpoints"
+# Config keys that may change when a run is resumed: they do not change its results.
+RESUMABLE_KEYS = frozenset({"num_epochs", "steps_per_call", "eval_batch_size", "data_dir",
+                            "checkpoint_every_epochs"})
 
 
 class WorkdirError(OSError):
@@ -64,13 +69,41 @@ class RunDir:
             raise WorkdirError(f"workdir {self.workdir!r} is not writable ({e.strerror}); "
                                "pass a --workdir you can write to") from None
 
-    def start(self, config) -> None:
-        """Claim the workdir for a new run and write config.json."""
+    def start(self, config, restart: bool = False) -> None:
+        """Claim the workdir: a new run, the continuation of the same run, or (`restart`) a fresh start.
+
+        Continuing is refused when the config differs in a key that changes the run's results.
+        """
         self.check_writable()
-        if os.path.exists(self.path(METRICS_FILE)):
-            raise WorkdirError(f"workdir {self.workdir!r} already holds a run ({METRICS_FILE}); "
-                               "choose a new --workdir")
-        write_json_atomic(self.path(CONFIG_FILE), json.loads(config.to_json_best_effort()))
+        new = json.loads(config.to_json_best_effort())
+        if restart:
+            for name in (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE):
+                if os.path.exists(self.path(name)):
+                    os.remove(self.path(name))
+            shutil.rmtree(self.path(CHECKPOINT_DIR), ignore_errors=True)
+        elif os.path.exists(self.path(CONFIG_FILE)):
+            old = read_json(self.workdir, CONFIG_FILE)
+            changed = sorted(k for k in set(old) | set(new)
+                             if k not in RESUMABLE_KEYS and old.get(k) != new.get(k))
+            if changed:
+                diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+                raise WorkdirError(f"workdir {self.workdir!r} holds a run with a different config ({diffs}); "
+                                   "use another --workdir, or pass --restart to delete that run and start over")
+        elif os.path.exists(self.path(METRICS_FILE)):
+            raise WorkdirError(f"workdir {self.workdir!r} holds {METRICS_FILE} but no {CONFIG_FILE}; "
+                               "use another --workdir, or pass --restart to start over")
+        write_json_atomic(self.path(CONFIG_FILE), new)
+
+    def truncate_metrics(self, last_epoch: int) -> list:
+        """Keep the metrics of epochs 1..last_epoch (those the resumed checkpoint has seen) and return them."""
+        if not os.path.exists(self.path(METRICS_FILE)):
+            return []
+        history = [line for line in read_metrics(self.workdir) if line["epoch"] <= last_epoch]
+        fd, tmp = tempfile.mkstemp(dir=self.workdir, prefix=".tmp-", suffix=".jsonl")
+        with os.fdopen(fd, "w") as f:
+            f.writelines(json.dumps(line, sort_keys=True) + "\n" for line in history)
+        os.replace(tmp, self.path(METRICS_FILE))
+        return history
 
     def append_metrics(self, line: dict) -> None:
         """Append one epoch's line and flush it to disk, so an interrupted run keeps every finished epoch."""

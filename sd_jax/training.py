@@ -6,6 +6,7 @@ every step gathers, normalises and augments its batch inside the jitted loop. St
 """
 import dataclasses
 import functools
+import logging
 import time
 from typing import Any
 
@@ -14,13 +15,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 from flax.training import train_state
 
-from sd_jax import augment, data, records
-from sd_jax.config import validate
+from sd_jax import augment, checkpoints, data, records
+from sd_jax.config import ConfigError, validate
 from sd_jax.models import ResNetCIFAR, active_blocks, count_params
 from sd_jax.schedules import drop_scale, expected_active_blocks
+
+log = logging.getLogger(__name__)
 
 
 class TrainState(train_state.TrainState):
@@ -172,86 +174,135 @@ def eval_variables(state: TrainState) -> dict:
     return {"params": state.params, "batch_stats": state.batch_stats}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Train as `config` says, writing config.json, metrics.jsonl and summary.json to `workdir`."""
-    validate(config, data.LOADERS)
-    run_dir = records.RunDir(workdir)
-    run_dir.start(config)
-    wall_start = time.perf_counter()
+class TrainingDiverged(FloatingPointError):
+    """The training loss stopped being finite; the message names the epoch and steps."""
 
+
+@dataclasses.dataclass
+class Run:
+    """Everything built from a config before training: data on the device, model, initial state."""
+
+    config: ml_collections.ConfigDict
+    dataset: data.Dataset
+    setup: Setup
+    keys: dict
+    state: TrainState
+    train: dict
+    evals: dict
+
+    def error_rates(self, count_errors, state: TrainState) -> dict:
+        """Validation and test error (percent) of `state`."""
+        variables = eval_variables(state)
+        return {name: 100.0 * float(count_errors(variables, split, self.train["mean"], self.train["std"]))
+                / len(getattr(self.dataset, name)) for name, split in self.evals.items()}
+
+
+def prepare_run(config: ml_collections.ConfigDict) -> Run:
+    """Load the data onto the device and build the model, optimiser and initial state."""
     dataset = data.load_dataset(config.dataset, config.data_dir)
     if config.num_classes is not None and config.num_classes != dataset.num_classes:
-        raise ValueError(f"num_classes={config.num_classes} but {dataset.name} has {dataset.num_classes} classes;"
-                         " leave num_classes unset to take it from the dataset")
+        raise ConfigError(f"num_classes={config.num_classes} but {dataset.name} has {dataset.num_classes} "
+                          "classes; leave num_classes unset to take it from the dataset")
     setup = make_setup(config, dataset)
     keys = run_keys(config.seed)
     state = create_train_state(keys["init"], setup, dataset.train.images.shape[1:])
-    num_params = count_params(state.params)
-    expected_active = expected_active_blocks(setup.model.num_blocks, config.p_last, config.survival_mode)
-
     train = {"images": jnp.asarray(dataset.train.images), "labels": jnp.asarray(dataset.train.labels),
              "mean": jnp.asarray(dataset.mean), "std": jnp.asarray(dataset.std)}
     evals = {"val": device_eval_split(dataset.val, config.eval_batch_size),
              "test": device_eval_split(dataset.test, config.eval_batch_size)}
-    sizes = {"val": len(dataset.val), "test": len(dataset.test)}
-    logging.info("%s: %d train / %d val / %d test images; ResNet-%d, %d parameters, %d blocks, "
-                 "%.2f expected active; %d steps/epoch on %s", dataset.name, len(dataset.train), sizes["val"],
-                 sizes["test"], config.depth, num_params, setup.model.num_blocks, expected_active,
-                 setup.steps_per_epoch, jax.devices()[0].device_kind)
+    return Run(config, dataset, setup, keys, state, train, evals)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, restart: bool = False) -> dict:
+    """Train as `config` says, writing config.json, metrics.jsonl, summary.json and checkpoints to
+    `workdir`. A workdir holding an earlier run of the same config is resumed from its latest
+    checkpoint; `restart` deletes the earlier run instead."""
+    validate(config, data.LOADERS)
+    run_dir = records.RunDir(workdir)
+    run_dir.start(config, restart)
+    wall_start = time.perf_counter()
+    run = prepare_run(config)
+    setup, state = run.setup, run.state
+    num_params = count_params(state.params)
+    expected_active = expected_active_blocks(setup.model.num_blocks, config.p_last, config.survival_mode)
+    log.info("%s: %d train / %d val / %d test images; ResNet-%d, %d parameters, %d blocks, "
+                 "%.2f expected active; %d steps/epoch on %s", run.dataset.name, len(run.dataset.train),
+                 len(run.dataset.val), len(run.dataset.test), config.depth, num_params, setup.model.num_blocks,
+                 expected_active, setup.steps_per_epoch, jax.devices()[0].device_kind)
+
+    ckpts = checkpoints.Checkpoints(workdir)
+    restored = ckpts.restore(state)
+    start_epoch = 1
+    if restored is not None:
+        state, meta = restored
+        start_epoch = meta["epoch"] + 1
+        log.info("resuming from the checkpoint of epoch %d (step %d)", meta["epoch"], int(state.step))
+    history = run_dir.truncate_metrics(start_epoch - 1)
 
     compile_start = time.perf_counter()
-    perm = epoch_permutation(keys, 0, len(dataset.train))
-    train_steps = make_train_steps(setup, config).lower(state, train, keys, perm, 0, 1).compile()
+    num_train = len(run.dataset.train)
+    train_steps = make_train_steps(setup, config).lower(
+        state, run.train, run.keys, epoch_permutation(run.keys, 0, num_train), 0, 1).compile()
     count_errors = make_count_errors(config, setup.model)
-    count_errors.lower(eval_variables(state), evals["val"], train["mean"], train["std"]).compile()
     compile_s = time.perf_counter() - compile_start
-    logging.info("compiled the train step in %.1f s", compile_s)
+    log.info("compiled the train step in %.1f s", compile_s)
 
     schedule = learning_rate_schedule(config, setup.steps_per_epoch)
     chunk = min(config.steps_per_call, setup.steps_per_epoch)
-    history = []
-    for epoch in range(1, config.num_epochs + 1):
-        lr = float(f"{float(schedule(int(state.step))):.7g}")  # float32 -> the decimal the config gave
-        perm = epoch_permutation(keys, epoch, len(dataset.train))
-        epoch_start = last_log = time.perf_counter()
-        totals = None
-        for first in range(0, setup.steps_per_epoch, chunk):
-            count = min(chunk, setup.steps_per_epoch - first)
-            state, sums = train_steps(state, train, keys, perm, first, count)
-            sums = {k: float(v) for k, v in jax.device_get(sums).items()}
-            totals = sums if totals is None else {k: totals[k] + sums[k] for k in sums}
-            if time.perf_counter() - last_log > 30 and first + count < setup.steps_per_epoch:
-                last_log = time.perf_counter()
-                logging.info("epoch %d: step %d/%d, loss %.4f", epoch, first + count, setup.steps_per_epoch,
-                             totals["loss"] / (totals["steps"] * config.batch_size))
-        epoch_time = time.perf_counter() - epoch_start
-        images_seen = totals["steps"] * config.batch_size
-        errors = {name: 100.0 * float(count_errors(eval_variables(state), split, train["mean"], train["std"])) / sizes[name]
-                  for name, split in evals.items()}
-        if not np.isfinite(totals["loss"]):
-            raise FloatingPointError(f"training loss became {totals['loss']} in epoch {epoch}")
-        line = {
-            "epoch": epoch,
-            "train_loss": float(totals["loss"] / images_seen),
-            "train_error": float(100.0 * totals["errors"] / images_seen),
-            "val_error": errors["val"],
-            "test_error": errors["test"],
-            "lr": lr,
-            "epoch_time_s": epoch_time,
-            "images_per_s": images_seen / epoch_time,
-            "mean_active_blocks": float(totals["active_blocks"] / totals["steps"]),
-        }
-        run_dir.append_metrics(line)
-        history.append(line)
-        logging.info("epoch %d/%d  loss %.4f  train %.2f%%  val %.2f%%  test %.2f%%  lr %.4g  %.1f s "
-                     "(%.0f img/s)  active blocks %.1f/%d", epoch, config.num_epochs, line["train_loss"],
-                     line["train_error"], line["val_error"], line["test_error"], lr, epoch_time,
-                     line["images_per_s"], line["mean_active_blocks"], setup.model.num_blocks)
+    best_val = min((line["val_error"] for line in history), default=float("inf"))
+    try:
+        for epoch in range(start_epoch, config.num_epochs + 1):
+            lr = float(f"{float(schedule(int(state.step))):.7g}")  # float32 -> the decimal the config gave
+            perm = epoch_permutation(run.keys, epoch, num_train)
+            epoch_start = last_log = time.perf_counter()
+            totals = dict.fromkeys(("loss", "errors", "active_blocks", "steps"), 0.0)
+            for first in range(0, setup.steps_per_epoch, chunk):
+                count = min(chunk, setup.steps_per_epoch - first)
+                state, sums = train_steps(state, run.train, run.keys, perm, first, count)
+                sums = {k: float(v) for k, v in jax.device_get(sums).items()}
+                if not np.isfinite(sums["loss"]):
+                    raise TrainingDiverged(
+                        f"training loss became {sums['loss']} in epoch {epoch}, steps {first + 1}-{first + count} "
+                        f"of {setup.steps_per_epoch}; the checkpoints of the epochs before it are kept. "
+                        "Lower learning_rate (and start over with --restart) or check the data")
+                totals = {k: totals[k] + sums[k] for k in totals}
+                if time.perf_counter() - last_log > 30 and first + count < setup.steps_per_epoch:
+                    last_log = time.perf_counter()
+                    log.info("epoch %d: step %d/%d, loss %.4f", epoch, first + count, setup.steps_per_epoch,
+                                 totals["loss"] / (totals["steps"] * config.batch_size))
+            epoch_time = time.perf_counter() - epoch_start
+            images_seen = totals["steps"] * config.batch_size
+            errors = run.error_rates(count_errors, state)
+            line = {
+                "epoch": epoch,
+                "train_loss": totals["loss"] / images_seen,
+                "train_error": 100.0 * totals["errors"] / images_seen,
+                "val_error": errors["val"],
+                "test_error": errors["test"],
+                "lr": lr,
+                "epoch_time_s": epoch_time,
+                "images_per_s": images_seen / epoch_time,
+                "mean_active_blocks": totals["active_blocks"] / totals["steps"],
+            }
+            run_dir.append_metrics(line)
+            history.append(line)
+            if epoch % config.checkpoint_every_epochs == 0 or epoch == config.num_epochs:
+                ckpts.save(checkpoints.LATEST, epoch, state, line["val_error"])
+            if line["val_error"] < best_val:
+                best_val = line["val_error"]
+                ckpts.save(checkpoints.BEST, epoch, state, line["val_error"])
+            log.info("epoch %d/%d  loss %.4f  train %.2f%%  val %.2f%%  test %.2f%%  lr %.4g  %.1f s "
+                         "(%.0f img/s)  active blocks %.1f/%d", epoch, config.num_epochs, line["train_loss"],
+                         line["train_error"], line["val_error"], line["test_error"], lr, epoch_time,
+                         line["images_per_s"], line["mean_active_blocks"], setup.model.num_blocks)
+    finally:
+        ckpts.wait()
+        ckpts.close()
 
     summary = records.summarize(history)
     summary.update(num_params=num_params, expected_active_blocks=expected_active, compile_s=compile_s,
                    wall_time_s=time.perf_counter() - wall_start)
     run_dir.write_summary(summary)
-    logging.info("test error at best validation (epoch %d): %.2f%%; final test error %.2f%%",
+    log.info("test error at best validation (epoch %d): %.2f%%; final test error %.2f%%",
                  summary["best_val_epoch"], summary["test_error_at_best_val"], summary["final_test_error"])
     return summary

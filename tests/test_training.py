@@ -115,6 +115,7 @@ def test_quickstart_writes_its_files_and_reaches_target(tmp_path):
     ("--config.lr_boundaries=(300,200)", "lr_boundaries"),
     ("--config.dataset=imagenet", "dataset"),
     ("--config.dtype=float16", "dtype"),
+    ("--config.checkpoint_every_epochs=0", "checkpoint_every_epochs"),
 ])
 def test_bad_config_values_exit_2_and_write_nothing(tmp_path, override, message):
     workdir = tmp_path / "run"
@@ -141,5 +142,5 @@ def test_unwritable_workdir_and_existing_run(tmp_path):
     done.mkdir()
     (done / records.METRICS_FILE).write_text("{}\n")
     result = run_train(["--config", "configs/quickstart.py", "--workdir", str(done)])
-    assert result.returncode == 2 and "already holds a run" in result.stderr
+    assert result.returncode == 2 and "no config.json" in result.stderr
     assert (done / records.METRICS_FILE).read_text() == "{}\n"

@@ -1,0 +1,148 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax.numpy as jnp
+import pytest
+
+from sd_jax import checkpoints, evaluate, records, training
+from tests.conftest import ROOT
+from tests.test_training import tiny_config
+
+TIMING = {"epoch_time_s", "images_per_s", "train_time_s", "wall_time_s", "compile_s"}
+ARGS = ["--config", "configs/quickstart.py", "--config.dataset=synthetic", "--config.depth=8",
+        "--config.num_epochs=8", "--config.lr_boundaries=(6,)", "--config.steps_per_call=2"]
+
+
+def without_timing(record):
+    return {k: v for k, v in record.items() if k not in TIMING}
+
+
+def train_command(workdir, *extra):
+    return [sys.executable, "train.py", *ARGS, "--workdir", str(workdir), *extra]
+
+
+def test_sigkill_mid_run_then_resume_matches_uninterrupted_run(tmp_path):
+    reference = subprocess.run(train_command(tmp_path / "reference"), cwd=ROOT, capture_output=True, text=True,
+                               timeout=600)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    workdir = tmp_path / "killed"
+    process = subprocess.Popen(train_command(workdir), cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    metrics = workdir / records.METRICS_FILE
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.02)
+    time.sleep(0.15)  # land somewhere inside a later epoch
+    assert process.poll() is None, "the run finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = len(metrics.read_text().splitlines())
+    assert killed_at < 8 and not (workdir / records.SUMMARY_FILE).exists()
+
+    resumed = subprocess.run(train_command(workdir), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from the checkpoint of epoch" in resumed.stderr
+    got, want = records.read_metrics(str(workdir)), records.read_metrics(str(tmp_path / "reference"))
+    assert [line["epoch"] for line in got] == list(range(1, 9))
+    assert [without_timing(line) for line in got] == [without_timing(line) for line in want]
+    assert (without_timing(records.read_json(str(workdir), records.SUMMARY_FILE))
+            == without_timing(records.read_json(str(tmp_path / "reference"), records.SUMMARY_FILE)))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("run"))
+    training.train_and_evaluate(tiny_config(num_epochs=4), workdir)
+    return workdir
+
+
+def test_keeps_last_two_and_best(finished_run):
+    ckpts = checkpoints.Checkpoints(finished_run)
+    lines = records.read_metrics(finished_run)
+    best = min(lines, key=lambda l: (l["val_error"], l["epoch"]))["epoch"]
+    assert ckpts.epochs(checkpoints.LATEST) == [3, 4]
+    assert ckpts.epochs(checkpoints.BEST) == [best]
+    ckpts.close()
+
+
+@pytest.mark.parametrize("which", [checkpoints.LATEST, checkpoints.BEST])
+def test_evaluate_cli_agrees_with_recorded_metrics(finished_run, which, capsys):
+    result = evaluate.main(["--workdir", finished_run, "--checkpoint", which])
+    assert json.loads(capsys.readouterr().out) == result
+    line = next(l for l in records.read_metrics(finished_run) if l["epoch"] == result["epoch"])
+    assert result["val_error"] == line["val_error"]
+    assert result["test_error"] == line["test_error"]
+    if which == checkpoints.BEST:
+        assert result["epoch"] == records.read_json(finished_run, records.SUMMARY_FILE)["best_val_epoch"]
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
+    workdir = str(tmp_path / "run")
+    config = tiny_config(num_epochs=3)
+    training.train_and_evaluate(config, workdir)
+    state_dir = os.path.join(workdir, "checkpoints", "latest", "3", "state")
+    for folder, _, files in os.walk(state_dir):
+        for name in files:
+            if name != "commit_success.txt":
+                with open(os.path.join(folder, name), "r+b") as f:
+                    f.truncate(max(0, os.path.getsize(f.name) // 3))
+    run = training.prepare_run(config)
+    ckpts = checkpoints.Checkpoints(workdir)
+    state, meta = ckpts.restore(run.state)
+    ckpts.close()
+    assert meta["epoch"] == 2 and int(state.step) == 2 * run.setup.steps_per_epoch
+    assert "latest/3 is unreadable" in caplog.text
+    # Resuming with one more epoch redoes epoch 3 from the epoch-2 checkpoint and matches a clean run.
+    summary = training.train_and_evaluate(tiny_config(num_epochs=4), workdir)
+    clean = training.train_and_evaluate(tiny_config(num_epochs=4), str(tmp_path / "clean"))
+    assert [without_timing(l) for l in records.read_metrics(workdir)] == [
+        without_timing(l) for l in records.read_metrics(str(tmp_path / "clean"))]
+    assert without_timing(summary) == without_timing(clean)
+
+
+def test_injected_nan_stops_with_epoch_and_keeps_good_checkpoints(tmp_path, monkeypatch):
+    original = training.train_step
+
+    def poisoned(state, *args):  # NaN loss from the 21st step on: epoch 3 (8 steps each), chunk 4-6
+        state, metrics = original(state, *args)
+        metrics["loss"] = metrics["loss"] * jnp.where(state.step > 20, jnp.nan, 1.0)
+        return state, metrics
+
+    monkeypatch.setattr(training, "train_step", poisoned)
+    workdir = str(tmp_path / "run")
+    with pytest.raises(training.TrainingDiverged, match="epoch 3, steps 4-6 of 8"):
+        training.train_and_evaluate(tiny_config(num_epochs=4), workdir)
+    assert [l["epoch"] for l in records.read_metrics(workdir)] == [1, 2]
+    ckpts = checkpoints.Checkpoints(workdir)
+    assert ckpts.epochs(checkpoints.LATEST) == [1, 2]
+    ckpts.close()
+
+
+def test_diverging_run_exits_3(tmp_path):
+    result = subprocess.run(train_command(tmp_path / "run", "--config.learning_rate=1e12"), cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "training loss became" in result.stderr and "epoch 1" in result.stderr
+
+
+def test_incompatible_resume_names_keys_and_restart_starts_over(tmp_path, finished_run):
+    import shutil
+    workdir = tmp_path / "copy"
+    shutil.copytree(finished_run, workdir)
+    result = subprocess.run(train_command(workdir, "--config.batch_size=64"), cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 2
+    assert "batch_size: 128 -> 64" in result.stderr and "lr_boundaries: [2] -> [6]" in result.stderr
+    assert "--restart" in result.stderr
+    assert len(records.read_metrics(str(workdir))) == 4  # untouched
+    result = subprocess.run(train_command(workdir, "--config.num_epochs=2", "--restart"), cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [l["epoch"] for l in records.read_metrics(str(workdir))] == [1, 2]
