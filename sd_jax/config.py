@@ -17,7 +17,8 @@ def default_config() -> ml_collections.ConfigDict:
     """ResNet-110, stochastic depth p_L=0.5 linear, the paper's CIFAR-10 training recipe."""
     c = ml_collections.ConfigDict()
     c.dataset = "cifar10"
-    c.data_dir = ""  # "" -> the dataset's default location
+    c.data_source = "tfds"  # "tfds" (downloads and prepares) or "files" (the official files in data_dir)
+    c.data_dir = ""  # "" -> tfds's default (~/tensorflow_datasets)
     c.depth = 110
     c.num_classes = ml_collections.FieldReference(None, field_type=int)  # None -> from the dataset
     c.p_last = 0.5  # survival probability of the last block; 1.0 = constant depth
@@ -29,6 +30,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.learning_rate = 0.1
     c.lr_boundaries = (250, 375)  # epochs at which the learning rate is multiplied by lr_decay
     c.lr_decay = 0.1
+    c.lr_warmup_epochs = 0  # epochs at lr_warmup_value before learning_rate (He et al. for ResNet-1202)
+    c.lr_warmup_value = 0.01
     c.momentum = 0.9
     c.nesterov = True
     c.weight_decay = 1e-4
@@ -55,6 +58,8 @@ def validate(config: ml_collections.ConfigDict, known_datasets) -> None:
     _require(not unknown, f"unknown config key(s) {unknown}; known keys: {sorted(default_config().keys())}")
     _require(config.dataset in known_datasets,
              f"dataset={config.dataset!r} is not available; choose one of {sorted(known_datasets)}")
+    _require(config.data_source in ("tfds", "files"),
+             f"data_source={config.data_source!r} must be 'tfds' or 'files' (the official files in data_dir)")
     try:
         blocks_per_stage(config.depth)
     except ValueError as e:
@@ -72,6 +77,11 @@ def validate(config: ml_collections.ConfigDict, known_datasets) -> None:
     bounds = list(config.lr_boundaries)
     _require(all(isinstance(b, int) and b > 0 for b in bounds) and bounds == sorted(set(bounds)),
              f"lr_boundaries={tuple(bounds)} must be strictly increasing positive epochs, e.g. (250, 375)")
+    _require(config.lr_warmup_epochs >= 0 and config.lr_warmup_value > 0,
+             f"lr_warmup_epochs={config.lr_warmup_epochs} must be >= 0 and lr_warmup_value="
+             f"{config.lr_warmup_value} > 0")
+    _require(not bounds or config.lr_warmup_epochs < bounds[0],
+             f"lr_warmup_epochs={config.lr_warmup_epochs} must end before the first lr boundary {bounds[:1]}")
     _require(0.0 < config.lr_decay <= 1.0, f"lr_decay={config.lr_decay} must lie in (0, 1]")
     _require(0.0 <= config.momentum < 1.0, f"momentum={config.momentum} must lie in [0, 1)")
     _require(config.weight_decay >= 0, f"weight_decay={config.weight_decay} must be >= 0")

@@ -3,9 +3,17 @@
 The training loop puts them on the accelerator whole; see `sd_jax.augment` for what happens there.
 """
 import dataclasses
+import logging
+import os
+import tempfile
 from typing import Callable, Dict
 
 import numpy as np
+
+from sd_jax.data_files import CIFAR_LAYOUTS, DataError, check_arrays, read_cifar, read_svhn
+from sd_jax.data_tfds import read_tfds
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +63,7 @@ def split_by_permutation(images, labels, sizes, seed):
     return [Split(images[order[a:b]], labels[order[a:b]].astype(np.int32)) for a, b in zip(bounds, bounds[1:])]
 
 
-def load_digits(data_dir: str = "") -> Dataset:
+def load_digits() -> Dataset:
     """scikit-learn's bundled 8x8 handwritten digits (1797 images): real data with no download.
 
     Fixed split: 1300 train / 200 validation / 297 test. Pixel values 0..16 scaled to 0..255.
@@ -68,7 +76,7 @@ def load_digits(data_dir: str = "") -> Dataset:
     return Dataset("digits", train, val, test, num_classes=10, translate=1, flip=False)
 
 
-def load_synthetic(data_dir: str = "", num_classes: int = 10, size: int = 16, seed: int = 0) -> Dataset:
+def load_synthetic(num_classes: int = 10, size: int = 16, seed: int = 0) -> Dataset:
     """A generated, learnable task robust to translation: each class has its own colour and stripe
     frequency/orientation, and every image adds strong pixel noise. 1024 train / 256 val / 256 test."""
     rng = np.random.default_rng(seed)
@@ -87,13 +95,95 @@ def load_synthetic(data_dir: str = "", num_classes: int = 10, size: int = 16, se
     return Dataset("synthetic", *splits, num_classes=num_classes, translate=2, flip=False)
 
 
-LOADERS: Dict[str, Callable[[str], Dataset]] = {
-    "digits": load_digits,
-    "synthetic": load_synthetic,
+def cifar_splits(raw, val_size: int = 5000, seed: int = 0):
+    """The paper's CIFAR split: a fixed shuffle of the 50k training images into 45k train / 5k val."""
+    images, labels = raw["train"]
+    if not 0 < val_size < len(labels):
+        raise DataError(f"cannot hold out {val_size} validation images from {len(labels)} training images")
+    order = np.random.default_rng(seed).permutation(len(labels))
+    val, train = order[:val_size], order[val_size:]
+    return (Split(images[train], labels[train].astype(np.int32)), Split(images[val], labels[val].astype(np.int32)),
+            Split(raw["test"][0], raw["test"][1].astype(np.int32)))
+
+
+def svhn_splits(raw, per_class=(400, 200), num_classes: int = 10, seed: int = 0):
+    """The paper's SVHN split: validation = 400 per class from train + 200 per class from extra;
+    training = everything else of train + extra."""
+    rng = np.random.default_rng(seed)
+    train_parts, val_parts = [], []
+    for (images, labels), count in zip((raw["train"], raw["extra"]), per_class):
+        order = rng.permutation(len(labels))
+        held = np.zeros(len(labels), bool)
+        for c in range(num_classes):
+            of_class = order[labels[order] == c]
+            if len(of_class) < count:
+                raise DataError(f"SVHN class {c} has {len(of_class)} images, fewer than the {count} to hold out")
+            held[of_class[:count]] = True
+        val_parts.append((images[held], labels[held]))
+        train_parts.append((images[~held], labels[~held]))
+    join = lambda parts: Split(np.concatenate([p[0] for p in parts]),
+                               np.concatenate([p[1] for p in parts]).astype(np.int32))
+    return join(train_parts), join(val_parts), Split(raw["test"][0], raw["test"][1].astype(np.int32))
+
+
+@dataclasses.dataclass(frozen=True)
+class OfficialDataset:
+    """A dataset read from tensorflow-datasets or its official files, split as in the paper."""
+
+    num_classes: int
+    splits: tuple  # the official splits to read
+    make_splits: Callable
+    translate: int
+    flip: bool
+
+
+OFFICIAL = {
+    "cifar10": OfficialDataset(10, ("train", "test"), cifar_splits, translate=4, flip=True),
+    "cifar100": OfficialDataset(100, ("train", "test"), cifar_splits, translate=4, flip=True),
+    "svhn": OfficialDataset(10, ("train", "test", "extra"), svhn_splits, translate=0, flip=False),
 }
+BUNDLED: Dict[str, Callable[[], Dataset]] = {"digits": load_digits, "synthetic": load_synthetic}
+DATASETS = tuple(BUNDLED) + tuple(OFFICIAL)
+DATA_SOURCES = ("tfds", "files")
 
 
-def load_dataset(name: str, data_dir: str = "") -> Dataset:
-    if name not in LOADERS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(LOADERS)}")
-    return LOADERS[name](data_dir)
+def default_data_dir() -> str:
+    return os.path.expanduser(os.path.join("~", "tensorflow_datasets"))
+
+
+def read_official(name: str, data_dir: str, source: str):
+    """{split: (images, labels)} of an official dataset; tfds reads are cached as .npz in the data dir."""
+    if source == "files":
+        if not data_dir:
+            raise DataError("data_source='files' needs data_dir: the folder holding the official files")
+        return read_cifar(name, data_dir) if name in CIFAR_LAYOUTS else read_svhn(data_dir)
+    cache = os.path.join(data_dir or default_data_dir(), "sd_jax_cache", f"{name}.npz")
+    if os.path.exists(cache):
+        try:
+            with np.load(cache) as arrays:
+                return {s: (arrays[f"{s}_images"], arrays[f"{s}_labels"]) for s in OFFICIAL[name].splits}
+        except Exception as e:  # a damaged cache is rebuilt, never trusted
+            log.warning("cache %s is unreadable (%s); reading the data again", cache, e)
+    raw = read_tfds(name, data_dir, OFFICIAL[name].splits)
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(cache), prefix=".tmp-", suffix=".npz")
+    with os.fdopen(fd, "wb") as f:
+        np.savez(f, **{f"{s}_{k}": v for s, (x, y) in raw.items() for k, v in (("images", x), ("labels", y))})
+    os.replace(tmp, cache)
+    return raw
+
+
+def load_dataset(name: str, data_dir: str = "", source: str = "tfds") -> Dataset:
+    """The named dataset with its train/validation/test splits (uint8 images, int32 labels)."""
+    if name in BUNDLED:
+        return BUNDLED[name]()
+    if name not in OFFICIAL:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
+    if source not in DATA_SOURCES:
+        raise ValueError(f"unknown data source {source!r}; choose one of {DATA_SOURCES}")
+    spec = OFFICIAL[name]
+    raw = read_official(name, data_dir, source)
+    for split, (images, labels) in raw.items():
+        check_arrays(images, labels, spec.num_classes, f"{name} {split} split")
+    train, val, test = spec.make_splits(raw)
+    return Dataset(name, train, val, test, spec.num_classes, spec.translate, spec.flip)

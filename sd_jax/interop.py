@@ -107,10 +107,11 @@ def main(argv=None):
     parser.add_argument("--depth", type=int, required=True)
     parser.add_argument("--dataset", default="cifar10")
     parser.add_argument("--data-dir", default="")
+    parser.add_argument("--data-source", default="tfds", choices=("tfds", "files"))
     parser.add_argument("--p-last", type=float, default=1.0, help="survival probability used at training time")
     parser.add_argument("--survival-mode", default="linear", choices=("linear", "uniform"))
     args = parser.parse_args(argv)
-    dataset = data.load_dataset(args.dataset, args.data_dir)
+    dataset = data.load_dataset(args.dataset, args.data_dir, args.data_source)
     config = default_config()
     config.update(depth=args.depth, p_last=args.p_last, survival_mode=args.survival_mode, dataset=args.dataset)
     variables = from_torch_state_dict(load_torch_checkpoint(args.checkpoint), args.depth, dataset.num_classes,

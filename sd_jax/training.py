@@ -50,9 +50,13 @@ def build_model(config, num_classes: int) -> ResNetCIFAR:
 
 
 def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
-    """Piecewise-constant: learning_rate, multiplied by lr_decay at each boundary epoch."""
-    return optax.piecewise_constant_schedule(
-        config.learning_rate, {int(b) * steps_per_epoch: config.lr_decay for b in config.lr_boundaries})
+    """Piecewise-constant: learning_rate (after lr_warmup_epochs at lr_warmup_value), multiplied by
+    lr_decay at each boundary epoch."""
+    scales = {int(b) * steps_per_epoch: config.lr_decay for b in config.lr_boundaries}
+    if config.lr_warmup_epochs:
+        scales[config.lr_warmup_epochs * steps_per_epoch] = config.learning_rate / config.lr_warmup_value
+        return optax.piecewise_constant_schedule(config.lr_warmup_value, dict(sorted(scales.items())))
+    return optax.piecewise_constant_schedule(config.learning_rate, scales)
 
 
 def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
@@ -199,7 +203,7 @@ class Run:
 
 def prepare_run(config: ml_collections.ConfigDict) -> Run:
     """Load the data onto the device and build the model, optimiser and initial state."""
-    dataset = data.load_dataset(config.dataset, config.data_dir)
+    dataset = data.load_dataset(config.dataset, config.data_dir, config.data_source)
     if config.num_classes is not None and config.num_classes != dataset.num_classes:
         raise ConfigError(f"num_classes={config.num_classes} but {dataset.name} has {dataset.num_classes} "
                           "classes; leave num_classes unset to take it from the dataset")
@@ -217,7 +221,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, restart:
     """Train as `config` says, writing config.json, metrics.jsonl, summary.json and checkpoints to
     `workdir`. A workdir holding an earlier run of the same config is resumed from its latest
     checkpoint; `restart` deletes the earlier run instead."""
-    validate(config, data.LOADERS)
+    validate(config, data.DATASETS)
     run_dir = records.RunDir(workdir)
     run_dir.start(config, restart)
     wall_start = time.perf_counter()

@@ -116,6 +116,8 @@ def test_quickstart_writes_its_files_and_reaches_target(tmp_path):
     ("--config.dataset=imagenet", "dataset"),
     ("--config.dtype=float16", "dtype"),
     ("--config.checkpoint_every_epochs=0", "checkpoint_every_epochs"),
+    ("--config.lr_warmup_epochs=20", "lr_warmup_epochs"),
+    ("--config.data_source=web", "data_source"),
 ])
 def test_bad_config_values_exit_2_and_write_nothing(tmp_path, override, message):
     workdir = tmp_path / "run"
@@ -144,3 +146,12 @@ def test_unwritable_workdir_and_existing_run(tmp_path):
     result = run_train(["--config", "configs/quickstart.py", "--workdir", str(done)])
     assert result.returncode == 2 and "no config.json" in result.stderr
     assert (done / records.METRICS_FILE).read_text() == "{}\n"
+
+
+def test_learning_rate_schedule_with_warmup_and_decays():
+    config = tiny_config(lr_boundaries=(3, 5), lr_warmup_epochs=1, lr_warmup_value=0.01)
+    schedule = training.learning_rate_schedule(config, steps_per_epoch=10)
+    expected = {0: 0.01, 9: 0.01, 10: 0.1, 29: 0.1, 30: 0.01, 49: 0.01, 50: 0.001}
+    assert {step: pytest.approx(float(schedule(step))) for step in expected} == expected
+    plain = training.learning_rate_schedule(tiny_config(lr_boundaries=(3, 5)), steps_per_epoch=10)
+    assert [float(plain(s)) for s in (0, 29, 30, 50)] == pytest.approx([0.1, 0.1, 0.01, 0.001])

@@ -1,0 +1,167 @@
+import os
+import time
+
+import numpy as np
+import pytest
+
+from sd_jax import data, training
+from sd_jax.data_files import CIFAR_ARCHIVES, CIFAR_LAYOUTS, DataError, read_cifar, read_svhn
+from tests import data_fixtures as fx
+from tests.test_training import tiny_config
+
+
+def row_set(images):
+    return {img.tobytes() for img in images}
+
+
+def test_digits_and_synthetic_splits_are_disjoint_and_fixed():
+    d = data.load_digits()
+    assert (len(d.train), len(d.val), len(d.test)) == (1300, 200, 297)
+    again = data.load_digits()
+    np.testing.assert_array_equal(d.val.images, again.val.images)
+    s = data.load_synthetic()
+    assert (len(s.train), len(s.val), len(s.test)) == (1024, 256, 256)
+
+
+def test_normalisation_comes_from_the_training_split_only():
+    d = data.load_digits()
+    expected_mean = d.train.images.astype(np.float64).mean() / 255.0
+    expected_std = d.train.images.astype(np.float64).std() / 255.0
+    assert d.mean[0] == pytest.approx(expected_mean, rel=1e-6)
+    assert d.std[0] == pytest.approx(expected_std, rel=1e-6)
+    brighter = data.Dataset(d.name, d.train, data.Split(d.val.images // 2, d.val.labels),
+                            data.Split(d.test.images * 0 + 255, d.test.labels), 10, 1, False)
+    np.testing.assert_array_equal(brighter.mean, d.mean)
+
+
+def test_cifar_split_sizes_and_no_leak():
+    raw = fx.cifar_arrays(10, train=5200)
+    train, val, test = data.cifar_splits(raw)
+    assert (len(train), len(val), len(test)) == (200, 5000, 100)
+    assert not row_set(train.images) & row_set(val.images)
+    assert row_set(train.images) | row_set(val.images) == row_set(raw["train"][0])
+    train2, val2, _ = data.cifar_splits(raw)
+    np.testing.assert_array_equal(val.images, val2.images)  # fixed shuffle
+
+
+def test_svhn_validation_is_400_per_class_from_train_and_200_from_extra():
+    raw = fx.svhn_arrays()
+    train, val, test = data.svhn_splits(raw)
+    assert np.bincount(val.labels, minlength=10).tolist() == [600] * 10
+    from_train = row_set(val.images) & row_set(raw["train"][0])
+    from_extra = row_set(val.images) & row_set(raw["extra"][0])
+    assert len(from_train) == 4000 and len(from_extra) == 2000
+    assert not row_set(train.images) & row_set(val.images)
+    assert len(train) == 4200 + 2100 - 6000 and len(test) == 100
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+@pytest.mark.parametrize("layout", ["python-folder", "binary-folder", "python-archive", "binary-archive"])
+def test_cifar_files_in_every_official_layout(tmp_path, name, layout):
+    classes = 10 if name == "cifar10" else 100
+    arrays = fx.cifar_arrays(classes, train=600, test=50)
+    kind, where = layout.split("-")
+    files = fx.python_batches(name, arrays) if kind == "python" else fx.binary_batches(name, arrays)
+    folder = CIFAR_LAYOUTS[name][0 if kind == "python" else 2]
+    if where == "folder":
+        fx.write_folder(str(tmp_path), folder, files)
+    else:
+        archive = CIFAR_ARCHIVES[name][0 if kind == "python" else 1]
+        fx.write_archive(str(tmp_path / archive), folder, files)
+    raw = read_cifar(name, str(tmp_path))
+    for split in ("train", "test"):
+        np.testing.assert_array_equal(raw[split][0], arrays[split][0])
+        np.testing.assert_array_equal(raw[split][1], arrays[split][1])
+
+
+def test_svhn_mat_files_map_label_10_to_digit_0(tmp_path):
+    arrays = fx.svhn_arrays(per_class=(3, 2, 1))
+    fx.write_svhn(str(tmp_path), arrays)
+    raw = read_svhn(str(tmp_path))
+    for split in ("train", "extra", "test"):
+        np.testing.assert_array_equal(raw[split][0], arrays[split][0])
+        np.testing.assert_array_equal(raw[split][1], arrays[split][1])
+
+
+def expect_error(fn, *fragments):
+    start = time.perf_counter()
+    with pytest.raises(DataError) as error:
+        fn()
+    assert time.perf_counter() - start < 30
+    for fragment in fragments:
+        assert fragment in str(error.value), str(error.value)
+
+
+def test_cifar_errors_name_the_file_and_the_fix(tmp_path):
+    root = str(tmp_path)
+    expect_error(lambda: read_cifar("cifar10", root), "cifar-10-batches-py", "data_source='tfds'")
+    arrays = fx.cifar_arrays(10, train=60, test=10)
+    files = fx.python_batches("cifar10", arrays)
+    fx.write_folder(root, "cifar-10-batches-py", {k: v for k, v in files.items() if k != "data_batch_3"})
+    expect_error(lambda: read_cifar("cifar10", root), "data_batch_3", "incomplete")
+    fx.write_folder(root, "cifar-10-batches-py", {**files, "data_batch_3": files["data_batch_3"][:100]})
+    expect_error(lambda: read_cifar("cifar10", root), "data_batch_3", "not a readable")
+    fx.write_folder(root, "cifar-10-batches-py", {**files, "data_batch_3": b"<html>not found</html>"})
+    expect_error(lambda: read_cifar("cifar10", root), "data_batch_3")
+    bad_labels = fx.cifar_arrays(10, train=60, test=10)
+    bad_labels["test"][1][3] = 12
+    fx.write_folder(root, "cifar-10-batches-py", fx.python_batches("cifar10", bad_labels))
+    expect_error(lambda: read_cifar("cifar10", root), "test_batch", "labels must lie in [0, 10)")
+    import pickle
+    fx.write_folder(root, "cifar-10-batches-py", {**files, "test_batch": pickle.dumps(
+        {b"data": np.zeros((10, 1000), np.uint8), b"labels": [0] * 10})})
+    expect_error(lambda: read_cifar("cifar10", root), "test_batch", "(N, 3072)")
+
+
+def test_binary_and_archive_errors(tmp_path):
+    arrays = fx.cifar_arrays(10, train=60, test=10)
+    files = fx.binary_batches("cifar10", arrays)
+    fx.write_folder(str(tmp_path / "bin"), "cifar-10-batches-bin", {**files, "test_batch.bin": files["test_batch.bin"][:-5]})
+    expect_error(lambda: read_cifar("cifar10", str(tmp_path / "bin")), "test_batch.bin", "truncated")
+    fx.write_archive(str(tmp_path / "cifar-10-python.tar.gz"), "cifar-10-batches-py", fx.python_batches("cifar10", arrays))
+    blob = (tmp_path / "cifar-10-python.tar.gz").read_bytes()
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(blob[: len(blob) // 2])
+    expect_error(lambda: read_cifar("cifar10", str(tmp_path)), "cifar-10-python.tar.gz", "truncated")
+
+
+def test_svhn_errors(tmp_path):
+    root = str(tmp_path)
+    expect_error(lambda: read_svhn(root), "train_32x32.mat", "data_source='tfds'")
+    arrays = fx.svhn_arrays(per_class=(3, 2, 1))
+    fx.write_svhn(root, arrays)
+    with open(os.path.join(root, "extra_32x32.mat"), "r+b") as f:
+        f.truncate(300)
+    expect_error(lambda: read_svhn(root), "extra_32x32.mat", "not a readable")
+    fx.write_svhn(root, arrays, label_offset=1)  # labels 2..11
+    expect_error(lambda: read_svhn(root), "1..10")
+
+
+def test_files_source_needs_a_data_dir():
+    expect_error(lambda: data.load_dataset("cifar10", "", "files"), "data_dir")
+
+
+@pytest.mark.parametrize("name,write", [
+    ("cifar10", lambda root: fx.write_folder(root, "cifar-10-batches-py",
+                                             fx.python_batches("cifar10", fx.cifar_arrays(10)))),
+    ("cifar100", lambda root: fx.write_archive(os.path.join(root, "cifar-100-binary.tar.gz"), "cifar-100-binary",
+                                               fx.binary_batches("cifar100", fx.cifar_arrays(100)))),
+    ("svhn", lambda root: fx.write_svhn(root, fx.svhn_arrays())),
+])
+def test_train_py_end_to_end_on_generated_files(tmp_path, name, write):
+    import json
+    import subprocess
+    import sys
+    from tests.conftest import ROOT
+    write(str(tmp_path / "data"))
+    result = subprocess.run(
+        [sys.executable, "train.py", "--config", "configs/quickstart.py", "--workdir", str(tmp_path / "run"),
+         f"--config.dataset={name}", "--config.data_source=files", f"--config.data_dir={tmp_path / 'data'}",
+         "--config.depth=8", "--config.num_epochs=1", "--config.lr_boundaries=(1,)"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["epochs_completed"] == 1
+    assert summary["num_params"] == (75_290 if name != "cifar100" else 75_290 + 64 * 90 + 90)
+    sizes = {"cifar10": "200 train / 5000 val / 100 test", "cifar100": "200 train / 5000 val / 100 test",
+             "svhn": "300 train / 6000 val / 100 test"}
+    assert sizes[name] in result.stderr

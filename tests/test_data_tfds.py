@@ -1,0 +1,60 @@
+"""The tensorflow-datasets path, on tfds.testing.mock_data (no download here or in CI)."""
+import os
+import time
+
+import numpy as np
+import pytest
+
+tfds = pytest.importorskip("tensorflow_datasets", reason="tensorflow-datasets is not installed")
+
+from sd_jax import data  # noqa: E402
+from sd_jax.data_files import DataError  # noqa: E402
+
+
+def cache_files(data_dir):
+    folder = os.path.join(data_dir, "sd_jax_cache")
+    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
+def test_cifar10_through_tfds_is_split_checked_and_cached(tmp_path):
+    data_dir = str(tmp_path)
+    with tfds.testing.mock_data(num_examples=5200):
+        first = data.load_dataset("cifar10", data_dir, "tfds")
+    assert (len(first.train), len(first.val), len(first.test)) == (200, 5000, 5200)
+    assert first.train.images.dtype == np.uint8 and first.train.images.shape[1:] == (32, 32, 3)
+    assert 0 <= first.train.labels.min() and first.train.labels.max() < 10
+    assert cache_files(data_dir) == ["cifar10.npz"]  # and no half-written temporary file
+    again = data.load_dataset("cifar10", data_dir, "tfds")  # outside the mock: served by the cache
+    np.testing.assert_array_equal(again.val.images, first.val.images)
+    np.testing.assert_array_equal(again.test.labels, first.test.labels)
+
+
+def test_svhn_through_tfds_uses_train_and_extra(tmp_path):
+    with tfds.testing.mock_data(num_examples=5000):
+        svhn = data.load_dataset("svhn", str(tmp_path), "tfds")
+    assert np.bincount(svhn.val.labels, minlength=10).tolist() == [600] * 10
+    assert len(svhn.train) == 2 * 5000 - 6000 and len(svhn.test) == 5000
+    assert (svhn.translate, svhn.flip) == (0, False)
+
+
+def test_offline_without_prepared_data_fails_fast_and_says_how_to_fix(tmp_path):
+    start = time.perf_counter()
+    with pytest.raises(DataError) as error:
+        data.load_dataset("cifar100", str(tmp_path), "tfds")
+    assert time.perf_counter() - start < 60
+    message = str(error.value)
+    assert "cannot be reached" in message and "data_source='files'" in message and "manual" in message
+    assert cache_files(str(tmp_path)) == []
+
+
+def test_damaged_cache_is_not_trusted(tmp_path):
+    data_dir = str(tmp_path)
+    with tfds.testing.mock_data(num_examples=5100):
+        data.load_dataset("cifar10", data_dir, "tfds")
+    cache = os.path.join(data_dir, "sd_jax_cache", "cifar10.npz")
+    with open(cache, "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(DataError, match="cannot be reached"):  # re-reads through tfds, which is offline
+        data.load_dataset("cifar10", data_dir, "tfds")
+    with tfds.testing.mock_data(num_examples=5100):
+        assert len(data.load_dataset("cifar10", data_dir, "tfds").val) == 5000
