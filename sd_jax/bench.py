@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sd_jax import training
+from sd_jax import parallel, training
 from sd_jax.config import default_config
 from sd_jax.models import blocks_per_stage
 from sd_jax.schedules import survival_probabilities
@@ -53,9 +53,9 @@ def expected_step_ratio(depth: int, p_last: float, mode: str) -> float:
 
 def random_train_data(num_images: int, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
-    return {"images": jnp.asarray(rng.integers(0, 256, (num_images, 32, 32, 3), dtype=np.uint8)),
-            "labels": jnp.asarray(rng.integers(0, 10, num_images, dtype=np.int32)),
-            "mean": jnp.full((3,), 0.5, jnp.float32), "std": jnp.full((3,), 0.25, jnp.float32)}
+    return {"images": rng.integers(0, 256, (num_images, 32, 32, 3), dtype=np.uint8),
+            "labels": rng.integers(0, 10, num_images, dtype=np.int32),
+            "mean": np.full((3,), 0.5, np.float32), "std": np.full((3,), 0.25, np.float32)}
 
 
 class JaxStep:
@@ -66,11 +66,12 @@ class JaxStep:
         config.update(depth=args.depth, batch_size=args.batch_size, p_last=p_last, survival_mode=mode,
                       dtype=args.dtype, scan_blocks=args.scan_blocks, conv_grads=args.conv_grads)
         self.steps = args.steps
-        self.train = random_train_data(args.batch_size * args.steps)
+        mesh = parallel.make_mesh()
+        self.train = parallel.replicate(random_train_data(args.batch_size * args.steps), mesh)
         setup = training.Setup(model=training.build_model(config, 10), tx=training.make_optimizer(config, args.steps),
-                               steps_per_epoch=args.steps, total_steps=args.steps, translate=4, flip=True)
-        self.keys = training.run_keys(0)
-        self.state = training.create_train_state(self.keys["init"], setup, (32, 32, 3))
+                               steps_per_epoch=args.steps, total_steps=args.steps, translate=4, flip=True, mesh=mesh)
+        self.keys = parallel.replicate(training.run_keys(0), mesh)
+        self.state = parallel.replicate(training.create_train_state(self.keys["init"], setup, (32, 32, 3)), mesh)
         self.perm = jnp.arange(args.batch_size * args.steps)
         start = time.perf_counter()
         self.fn = training.make_train_steps(setup, config).lower(

@@ -7,6 +7,7 @@ from sd_jax.schedules import SURVIVAL_MODES
 from sd_jax.stochastic_depth import DROP_MODES
 
 DTYPES = ("float32", "bfloat16")
+DROP_GATES = ("shared", "per_device")
 
 
 class ConfigError(ValueError):
@@ -24,6 +25,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.p_last = 0.5  # survival probability of the last block; 1.0 = constant depth
     c.survival_mode = "linear"  # "linear" decay or "uniform"
     c.drop_mode = "block"  # "block" (the paper, skips compute) or "sample" (drop path)
+    c.drop_gates = "shared"  # several devices: all skip the same blocks ("shared") or draw their own
     c.drop_warmup = 0.0  # fraction of training over which the drop rate ramps up from 0
     c.num_epochs = 500
     c.batch_size = 128
@@ -52,7 +54,7 @@ def _require(ok: bool, message: str):
         raise ConfigError(message)
 
 
-def validate(config: ml_collections.ConfigDict, known_datasets) -> None:
+def validate(config: ml_collections.ConfigDict, known_datasets, num_devices: int = 1) -> None:
     """Raise ConfigError naming the first unknown key or bad value, with the accepted values."""
     unknown = sorted(set(config.keys()) - set(default_config().keys()))
     _require(not unknown, f"unknown config key(s) {unknown}; known keys: {sorted(default_config().keys())}")
@@ -69,6 +71,7 @@ def validate(config: ml_collections.ConfigDict, known_datasets) -> None:
     _require(config.survival_mode in SURVIVAL_MODES,
              f"survival_mode={config.survival_mode!r} must be one of {SURVIVAL_MODES}")
     _require(config.drop_mode in DROP_MODES, f"drop_mode={config.drop_mode!r} must be one of {DROP_MODES}")
+    _require(config.drop_gates in DROP_GATES, f"drop_gates={config.drop_gates!r} must be one of {DROP_GATES}")
     _require(0.0 <= config.drop_warmup < 1.0, f"drop_warmup={config.drop_warmup} must lie in [0, 1)")
     _require(isinstance(config.num_epochs, int) and config.num_epochs >= 1,
              f"num_epochs={config.num_epochs} must be a positive integer")
@@ -93,5 +96,9 @@ def validate(config: ml_collections.ConfigDict, known_datasets) -> None:
     _require(config.checkpoint_every_epochs >= 1,
              f"checkpoint_every_epochs={config.checkpoint_every_epochs} must be >= 1")
     _require(config.eval_batch_size >= 1, f"eval_batch_size={config.eval_batch_size} must be >= 1")
+    for key in ("batch_size", "eval_batch_size"):
+        _require(config[key] % num_devices == 0,
+                 f"{key}={config[key]} is not divisible by the {num_devices} devices: every device takes an "
+                 f"equal share of each batch, so use a multiple of {num_devices}")
     _require(config.num_classes is None or config.num_classes >= 2,
              f"num_classes={config.num_classes} must be >= 2 (or None to take it from the dataset)")

@@ -30,7 +30,7 @@ def evaluate(workdir: str, which: str = checkpoints.LATEST) -> dict:
     if restored is None:
         raise checkpoints.CheckpointError(f"no {which} checkpoint in {workdir!r}")
     state, meta = restored
-    errors = run.error_rates(training.make_count_errors(config, run.setup.model), state)
+    errors = run.error_rates(training.make_count_errors(config, run.setup.model, run.setup.mesh), state)
     return {"workdir": workdir, "checkpoint": which, "epoch": meta["epoch"], "step": int(state.step),
             "val_error": errors["val"], "test_error": errors["test"]}
 

@@ -99,7 +99,7 @@ def load_torch_checkpoint(path: str):
 
 
 def main(argv=None):
-    from sd_jax import data, training
+    from sd_jax import data, parallel, training
     from sd_jax.config import default_config
 
     parser = argparse.ArgumentParser(description="Evaluate a PyTorch CIFAR-ResNet checkpoint with sd_jax.")
@@ -117,11 +117,12 @@ def main(argv=None):
     variables = from_torch_state_dict(load_torch_checkpoint(args.checkpoint), args.depth, dataset.num_classes,
                                       p_last=args.p_last, mode=args.survival_mode)
     model = training.build_model(config, dataset.num_classes)
-    count_errors = training.make_count_errors(config, model)
+    mesh = parallel.make_mesh()
+    count_errors = training.make_count_errors(config, model, mesh)
     mean, std = jnp.asarray(dataset.mean), jnp.asarray(dataset.std)
     result = {"checkpoint": args.checkpoint, "depth": args.depth, "dataset": args.dataset}
     for name, split in (("val", dataset.val), ("test", dataset.test)):
-        errors = count_errors(variables, training.device_eval_split(split, config.eval_batch_size), mean, std)
+        errors = count_errors(variables, training.device_eval_split(split, config.eval_batch_size, mesh), mean, std)
         result[f"{name}_error"] = 100.0 * float(errors) / len(split)
     print(json.dumps(result))
     return result

@@ -1,6 +1,6 @@
 """The CIFAR ResNet of He et al. (2016) with stochastic depth, as in Huang et al. (2016)."""
 import functools
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -29,9 +29,11 @@ def option_a_shortcut(x, features: int, stride: int):
     return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra))) if extra else x
 
 
-def batch_norm(train: bool, dtype, name: str):
-    """BatchNorm as in Torch7/PyTorch: momentum 0.1 (Flax 0.9), epsilon 1e-5."""
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name)
+def batch_norm(train: bool, dtype, name: str, axis_name=None):
+    """BatchNorm as in Torch7/PyTorch: momentum 0.1 (Flax 0.9), epsilon 1e-5; statistics averaged
+    over the devices of `axis_name` when given (synchronised BatchNorm)."""
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
+                        axis_name=axis_name if train else None, name=name)
 
 
 class BasicBranch(nn.Module):
@@ -41,14 +43,15 @@ class BasicBranch(nn.Module):
     stride: int = 1
     dtype: Any = jnp.float32
     conv_grads: str = "auto"
+    bn_axis_name: Optional[str] = None
 
     @nn.compact
     def __call__(self, x, train: bool):
         conv = functools.partial(Conv3x3, self.features, dtype=self.dtype, conv_grads=self.conv_grads)
         y = conv(stride=self.stride, name="conv1")(x)
-        y = nn.relu(batch_norm(train, self.dtype, "bn1")(y))
+        y = nn.relu(batch_norm(train, self.dtype, "bn1", self.bn_axis_name)(y))
         y = conv(name="conv2")(y)
-        return batch_norm(train, self.dtype, "bn2")(y)
+        return batch_norm(train, self.dtype, "bn2", self.bn_axis_name)(y)
 
 
 class ScannedStochasticDepth(StochasticDepth):
@@ -75,9 +78,10 @@ class Stage(nn.Module):
     dtype: Any = jnp.float32
     conv_grads: str = "auto"
     scan_blocks: bool = False
+    bn_axis_name: Optional[str] = None
 
     def _branch(self, stride):
-        return BasicBranch(self.features, stride, self.dtype, self.conv_grads, parent=None)
+        return BasicBranch(self.features, stride, self.dtype, self.conv_grads, self.bn_axis_name, parent=None)
 
     def _shortcut(self, stride):
         return functools.partial(option_a_shortcut, features=self.features, stride=stride)
@@ -113,7 +117,7 @@ class ResNetCIFAR(nn.Module):
     `drop_mode` "block" is the paper's method; "sample" is per-example drop path.
     `dtype` is the compute dtype; parameters stay float32. `apply(variables, x, train=...)` takes
     NHWC float images; training needs a "drop" RNG and mutable "batch_stats" (and "gates" to read
-    which blocks ran).
+    which blocks ran). `bn_axis_name` synchronises BatchNorm statistics over that mapped axis.
     """
 
     depth: int
@@ -124,6 +128,7 @@ class ResNetCIFAR(nn.Module):
     dtype: Any = jnp.float32
     scan_blocks: bool = False
     conv_grads: str = "auto"
+    bn_axis_name: Optional[str] = None
 
     @property
     def num_blocks(self) -> int:
@@ -137,11 +142,11 @@ class ResNetCIFAR(nn.Module):
         n = blocks_per_stage(self.depth)
         probs = [float(p) for p in self.survival_probabilities()]
         x = Conv3x3(STAGE_FEATURES[0], dtype=self.dtype, conv_grads=self.conv_grads, name="conv1")(x)
-        x = nn.relu(batch_norm(train, self.dtype, "bn1")(x))
+        x = nn.relu(batch_norm(train, self.dtype, "bn1", self.bn_axis_name)(x))
         for s, features in enumerate(STAGE_FEATURES):
             x = Stage(
                 features, 1 if s == 0 else 2, tuple(probs[s * n:(s + 1) * n]), train, self.drop_mode,
-                self.dtype, self.conv_grads, self.scan_blocks, name=f"stage{s + 1}",
+                self.dtype, self.conv_grads, self.scan_blocks, self.bn_axis_name, name=f"stage{s + 1}",
             )(x, drop_scale)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         return nn.Dense(self.num_classes, name="linear")(x)

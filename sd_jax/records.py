@@ -38,8 +38,9 @@ def read_json(workdir: str, name: str):
 
 
 def summarize(history: list) -> dict:
-    """The paper's reported number: test error at the epoch of lowest validation error (first on ties)."""
-    best = min(history, key=lambda line: (line["val_error"], line["epoch"]))
+    """The paper's reported number: test error at the epoch of lowest validation error. Ties (common
+    with a small validation set) go to the later epoch, the more trained model."""
+    best = min(history, key=lambda line: (line["val_error"], -line["epoch"]))
     return {
         "best_val_epoch": best["epoch"],
         "best_val_error": best["val_error"],
@@ -52,10 +53,11 @@ def summarize(history: list) -> dict:
 
 
 class RunDir:
-    """The workdir of one run."""
+    """The workdir of one run. In a multi-process job only the primary process writes its files."""
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, primary: bool = True):
         self.workdir = workdir
+        self.primary = primary
 
     def path(self, name: str) -> str:
         return os.path.join(self.workdir, name)
@@ -76,7 +78,7 @@ class RunDir:
         """
         self.check_writable()
         new = json.loads(config.to_json_best_effort())
-        if restart:
+        if restart and self.primary:
             for name in (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE):
                 if os.path.exists(self.path(name)):
                     os.remove(self.path(name))
@@ -99,6 +101,8 @@ class RunDir:
         if not os.path.exists(self.path(METRICS_FILE)):
             return []
         history = [line for line in read_metrics(self.workdir) if line["epoch"] <= last_epoch]
+        if not self.primary:
+            return history
         fd, tmp = tempfile.mkstemp(dir=self.workdir, prefix=".tmp-", suffix=".jsonl")
         with os.fdopen(fd, "w") as f:
             f.writelines(json.dumps(line, sort_keys=True) + "\n" for line in history)
@@ -107,10 +111,13 @@ class RunDir:
 
     def append_metrics(self, line: dict) -> None:
         """Append one epoch's line and flush it to disk, so an interrupted run keeps every finished epoch."""
+        if not self.primary:
+            return
         with open(self.path(METRICS_FILE), "a") as f:
             f.write(json.dumps(line, sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
     def write_summary(self, summary: dict) -> None:
-        write_json_atomic(self.path(SUMMARY_FILE), summary)
+        if self.primary:
+            write_json_atomic(self.path(SUMMARY_FILE), summary)

@@ -16,8 +16,9 @@ import ml_collections
 import numpy as np
 import optax
 from flax.training import train_state
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sd_jax import augment, checkpoints, data, records
+from sd_jax import augment, checkpoints, data, parallel, records
 from sd_jax.config import ConfigError, validate
 from sd_jax.models import ResNetCIFAR, active_blocks, count_params
 from sd_jax.schedules import drop_scale, expected_active_blocks
@@ -39,13 +40,20 @@ class Setup:
     total_steps: int
     translate: int
     flip: bool
+    mesh: Mesh
+
+
+def synchronised_batch_norm(config) -> bool:
+    """BatchNorm statistics are averaged over devices unless devices draw their own block gates: a
+    collective inside a branch that some devices skip is impossible."""
+    return not (config.drop_mode == "block" and config.drop_gates == "per_device")
 
 
 def build_model(config, num_classes: int) -> ResNetCIFAR:
     return ResNetCIFAR(
         depth=config.depth, num_classes=num_classes, p_last=config.p_last, mode=config.survival_mode,
         drop_mode=config.drop_mode, dtype=jnp.dtype(config.dtype), scan_blocks=config.scan_blocks,
-        conv_grads=config.conv_grads,
+        conv_grads=config.conv_grads, bn_axis_name=parallel.AXIS if synchronised_batch_norm(config) else None,
     )
 
 
@@ -68,7 +76,7 @@ def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation
     )
 
 
-def make_setup(config, dataset: data.Dataset) -> Setup:
+def make_setup(config, dataset: data.Dataset, mesh: Mesh) -> Setup:
     steps_per_epoch = len(dataset.train) // config.batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"batch_size={config.batch_size} exceeds the {len(dataset.train)} training images")
@@ -79,6 +87,7 @@ def make_setup(config, dataset: data.Dataset) -> Setup:
         total_steps=steps_per_epoch * config.num_epochs,
         translate=dataset.translate if config.augment_translate is None else config.augment_translate,
         flip=dataset.flip if config.augment_flip is None else config.augment_flip,
+        mesh=mesh,
     )
 
 
@@ -95,71 +104,100 @@ def run_keys(seed: int) -> dict:
     return {"init": init, "shuffle": shuffle, "augment": augmentation, "drop": drop}
 
 
+def device_drop_key(keys, step, config):
+    """The key of this step's block gates: the same on every device ("shared"), or per device."""
+    key = jax.random.fold_in(keys["drop"], step)
+    if config.drop_gates == "per_device":
+        key = jax.random.fold_in(key, jax.lax.axis_index(parallel.AXIS))
+    return key
+
+
 def train_step(state: TrainState, images, labels, keys, setup: Setup, config):
-    """One SGD step on one batch; returns the new state and summed metrics of the batch."""
+    """One SGD step on this device's share of the batch, inside `shard_map` over the "data" axis.
+
+    Gradients are averaged over devices (BatchNorm statistics too, see `synchronised_batch_norm`);
+    returns the new state and the batch's metrics summed over devices.
+    """
     step = state.step
     scale = drop_scale(step, setup.total_steps, config.drop_warmup)
+    drop_key = device_drop_key(keys, step, config)
 
     def loss_fn(params):
         logits, updates = state.apply_fn(
             {"params": params, "batch_stats": state.batch_stats}, images, train=True, drop_scale=scale,
-            rngs={"drop": jax.random.fold_in(keys["drop"], step)}, mutable=["batch_stats", "gates"])
+            rngs={"drop": drop_key}, mutable=["batch_stats", "gates"])
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
         return loss, (logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
-    n = labels.shape[0]
+    grads = jax.lax.pmean(grads, parallel.AXIS)
+    batch_stats = updates["batch_stats"]
+    if not synchronised_batch_norm(config):
+        batch_stats = jax.lax.pmean(batch_stats, parallel.AXIS)
+    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     metrics = {
-        "loss": loss * n,
-        "errors": jnp.sum(jnp.argmax(logits, -1) != labels).astype(jnp.float32),
-        "active_blocks": active_blocks(updates["gates"]).astype(jnp.float32),
+        "loss": jax.lax.psum(loss * labels.shape[0], parallel.AXIS),
+        "errors": jax.lax.psum(jnp.sum(jnp.argmax(logits, -1) != labels).astype(jnp.float32), parallel.AXIS),
+        "active_blocks": jax.lax.pmean(active_blocks(updates["gates"]).astype(jnp.float32), parallel.AXIS),
         "steps": jnp.float32(1.0),
     }
     return state, metrics
 
 
 def make_train_steps(setup: Setup, config):
-    """Jitted (state, train data, epoch permutation, first, count) -> (state, summed metrics).
+    """Jitted (state, train data, keys, epoch permutation, first, count) -> (state, summed metrics).
 
     Runs `count` consecutive steps of the epoch starting at its step `first` in one device loop;
-    both are traced, so every chunk length shares one compilation.
+    both are traced, so every chunk length shares one compilation. Each device takes its slice of
+    every global batch (and of the batch's random augmentation draws) from the replicated dataset,
+    so the result does not depend on the number of devices.
     """
     batch = config.batch_size
+    local = batch // setup.mesh.size
     dtype = jnp.dtype(config.dtype)
 
     def train_steps(state, train, keys, perm, first, count):
+        device = jax.lax.axis_index(parallel.AXIS)
+        mine = lambda x: jax.lax.dynamic_slice_in_dim(x, device * local, local)
+
         def body(i, carry):
             state, sums = carry
             indices = jax.lax.dynamic_slice(perm, ((first + i) * batch,), (batch,))
+            draws = augment.random_draws(jax.random.fold_in(keys["augment"], state.step), batch,
+                                         setup.translate, setup.flip)
             images, labels = augment.training_batch(
-                jax.random.fold_in(keys["augment"], state.step), train["images"], train["labels"], indices,
-                train["mean"], train["std"], setup.translate, setup.flip, dtype)
+                train["images"], train["labels"], mine(indices), jax.tree.map(mine, draws), train["mean"],
+                train["std"], setup.translate, dtype)
             state, metrics = train_step(state, images, labels, keys, setup, config)
             return state, jax.tree.map(jnp.add, sums, metrics)
 
         zeros = {k: jnp.float32(0.0) for k in ("loss", "errors", "active_blocks", "steps")}
         return jax.lax.fori_loop(0, count, body, (state, zeros))
 
-    return jax.jit(train_steps, donate_argnums=0)
+    replicated = PartitionSpec()
+    sharded = jax.shard_map(train_steps, mesh=setup.mesh, in_specs=(replicated,) * 6,
+                            out_specs=(replicated, replicated), check_vma=False)
+    return jax.jit(sharded, donate_argnums=0)
 
 
 def epoch_permutation(keys, epoch, num_train: int):
     return jax.random.permutation(jax.random.fold_in(keys["shuffle"], epoch), num_train)
 
 
-def device_eval_split(split: data.Split, batch_size: int) -> dict:
-    """An evaluation split on the device, padded to whole batches (padding labelled -1)."""
+def device_eval_split(split: data.Split, batch_size: int, mesh: Mesh) -> dict:
+    """An evaluation split on the devices, padded to whole batches (padding labelled -1), each batch
+    split across the devices."""
     n = len(split)
     batches = -(-n // batch_size)
     pad = batches * batch_size - n
     images = np.concatenate([split.images, np.zeros((pad,) + split.images.shape[1:], np.uint8)])
     labels = np.concatenate([split.labels, -np.ones(pad, np.int32)])
-    return {"images": jnp.asarray(images.reshape((batches, batch_size) + images.shape[1:])),
-            "labels": jnp.asarray(labels.reshape(batches, batch_size))}
+    sharding = NamedSharding(mesh, PartitionSpec(None, parallel.AXIS))
+    return {"images": jax.device_put(images.reshape((batches, batch_size) + images.shape[1:]), sharding),
+            "labels": jax.device_put(labels.reshape(batches, batch_size), sharding)}
 
 
-def make_count_errors(config, model: ResNetCIFAR):
+def make_count_errors(config, model: ResNetCIFAR, mesh: Mesh):
     """Jitted (variables, eval split, mean, std) -> number of misclassified images (eval mode)."""
     dtype = jnp.dtype(config.dtype)
 
@@ -169,9 +207,14 @@ def make_count_errors(config, model: ResNetCIFAR):
             logits = model.apply(variables, augment.normalize(images, mean, std, dtype), train=False)
             return jnp.sum((jnp.argmax(logits, -1) != labels) & (labels >= 0))
 
-        return jnp.sum(jax.lax.map(batch_errors, (split["images"], split["labels"])))
+        local = jnp.sum(jax.lax.map(batch_errors, (split["images"], split["labels"])))
+        return jax.lax.psum(local, parallel.AXIS)
 
-    return jax.jit(count_errors)
+    replicated, batch_split = PartitionSpec(), PartitionSpec(None, parallel.AXIS)
+    sharded = jax.shard_map(count_errors, mesh=mesh, out_specs=replicated, check_vma=False,
+                            in_specs=(replicated, {"images": batch_split, "labels": batch_split}, replicated,
+                                      replicated))
+    return jax.jit(sharded)
 
 
 def eval_variables(state: TrainState) -> dict:
@@ -207,13 +250,14 @@ def prepare_run(config: ml_collections.ConfigDict) -> Run:
     if config.num_classes is not None and config.num_classes != dataset.num_classes:
         raise ConfigError(f"num_classes={config.num_classes} but {dataset.name} has {dataset.num_classes} "
                           "classes; leave num_classes unset to take it from the dataset")
-    setup = make_setup(config, dataset)
-    keys = run_keys(config.seed)
-    state = create_train_state(keys["init"], setup, dataset.train.images.shape[1:])
-    train = {"images": jnp.asarray(dataset.train.images), "labels": jnp.asarray(dataset.train.labels),
-             "mean": jnp.asarray(dataset.mean), "std": jnp.asarray(dataset.std)}
-    evals = {"val": device_eval_split(dataset.val, config.eval_batch_size),
-             "test": device_eval_split(dataset.test, config.eval_batch_size)}
+    mesh = parallel.make_mesh()
+    setup = make_setup(config, dataset, mesh)
+    keys = parallel.replicate(run_keys(config.seed), mesh)
+    state = parallel.replicate(create_train_state(keys["init"], setup, dataset.train.images.shape[1:]), mesh)
+    train = parallel.replicate({"images": dataset.train.images, "labels": dataset.train.labels,
+                                "mean": dataset.mean, "std": dataset.std}, mesh)
+    evals = {"val": device_eval_split(dataset.val, config.eval_batch_size, mesh),
+             "test": device_eval_split(dataset.test, config.eval_batch_size, mesh)}
     return Run(config, dataset, setup, keys, state, train, evals)
 
 
@@ -221,8 +265,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, restart:
     """Train as `config` says, writing config.json, metrics.jsonl, summary.json and checkpoints to
     `workdir`. A workdir holding an earlier run of the same config is resumed from its latest
     checkpoint; `restart` deletes the earlier run instead."""
-    validate(config, data.DATASETS)
-    run_dir = records.RunDir(workdir)
+    validate(config, data.DATASETS, jax.device_count())
+    run_dir = records.RunDir(workdir, parallel.is_primary())
     run_dir.start(config, restart)
     wall_start = time.perf_counter()
     run = prepare_run(config)
@@ -230,9 +274,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, restart:
     num_params = count_params(state.params)
     expected_active = expected_active_blocks(setup.model.num_blocks, config.p_last, config.survival_mode)
     log.info("%s: %d train / %d val / %d test images; ResNet-%d, %d parameters, %d blocks, "
-                 "%.2f expected active; %d steps/epoch on %s", run.dataset.name, len(run.dataset.train),
+                 "%.2f expected active; %d steps/epoch on %d x %s", run.dataset.name, len(run.dataset.train),
                  len(run.dataset.val), len(run.dataset.test), config.depth, num_params, setup.model.num_blocks,
-                 expected_active, setup.steps_per_epoch, jax.devices()[0].device_kind)
+                 expected_active, setup.steps_per_epoch, setup.mesh.size, jax.devices()[0].device_kind)
 
     ckpts = checkpoints.Checkpoints(workdir)
     restored = ckpts.restore(state)
@@ -247,7 +291,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, restart:
     num_train = len(run.dataset.train)
     train_steps = make_train_steps(setup, config).lower(
         state, run.train, run.keys, epoch_permutation(run.keys, 0, num_train), 0, 1).compile()
-    count_errors = make_count_errors(config, setup.model)
+    count_errors = make_count_errors(config, setup.model, setup.mesh)
     compile_s = time.perf_counter() - compile_start
     log.info("compiled the train step in %.1f s", compile_s)
 
@@ -292,7 +336,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, restart:
             history.append(line)
             if epoch % config.checkpoint_every_epochs == 0 or epoch == config.num_epochs:
                 ckpts.save(checkpoints.LATEST, epoch, state, line["val_error"])
-            if line["val_error"] < best_val:
+            if line["val_error"] <= best_val:  # ties go to the later epoch, as in records.summarize
                 best_val = line["val_error"]
                 ckpts.save(checkpoints.BEST, epoch, state, line["val_error"])
             log.info("epoch %d/%d  loss %.4f  train %.2f%%  val %.2f%%  test %.2f%%  lr %.4g  %.1f s "

@@ -66,7 +66,7 @@ def finished_run(tmp_path_factory):
 def test_keeps_last_two_and_best(finished_run):
     ckpts = checkpoints.Checkpoints(finished_run)
     lines = records.read_metrics(finished_run)
-    best = min(lines, key=lambda l: (l["val_error"], l["epoch"]))["epoch"]
+    best = min(lines, key=lambda l: (l["val_error"], -l["epoch"]))["epoch"]
     assert ckpts.epochs(checkpoints.LATEST) == [3, 4]
     assert ckpts.epochs(checkpoints.BEST) == [best]
     ckpts.close()

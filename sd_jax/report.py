@@ -1,0 +1,220 @@
+"""Figures and tables from run workdirs, next to the paper's and PyTorch reimplementations' numbers.
+
+    python -m sd_jax.report W1 [W2 ...] --out DIR      figure3.png, training_time.png, table.md
+    python -m sd_jax.report --sweep ROOT --out DIR      figure8.png (test error against p_L)
+
+Reads only each workdir's config.json, metrics.jsonl and summary.json.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from importlib import resources
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from sd_jax import records  # noqa: E402
+from sd_jax.bench import expected_step_ratio  # noqa: E402
+
+
+@dataclasses.dataclass
+class RunRecord:
+    workdir: str
+    config: dict
+    metrics: list
+    summary: dict
+
+    @property
+    def schedule(self) -> str:
+        return "constant" if self.config["p_last"] == 1.0 else self.config["survival_mode"]
+
+    @property
+    def label(self) -> str:
+        depth = f"ResNet-{self.config['depth']}"
+        if self.schedule == "constant":
+            return f"{depth} constant depth"
+        return f"{depth} stochastic depth ({self.schedule}, p_L={self.config['p_last']:g})"
+
+
+def load_run(workdir: str) -> RunRecord:
+    missing = [n for n in (records.CONFIG_FILE, records.METRICS_FILE, records.SUMMARY_FILE)
+               if not os.path.exists(os.path.join(workdir, n))]
+    if missing:
+        raise FileNotFoundError(f"{workdir} lacks {missing}: is it a finished run's workdir?")
+    return RunRecord(workdir, records.read_json(workdir, records.CONFIG_FILE), records.read_metrics(workdir),
+                     records.read_json(workdir, records.SUMMARY_FILE))
+
+
+def reference_results() -> dict:
+    return json.loads(resources.files("sd_jax").joinpath("reference_results.json").read_text())
+
+
+def references_for(run: RunRecord, kind: str = "test_error") -> dict:
+    """{source: value} of the published numbers for the run's dataset, depth and schedule."""
+    c = run.config
+    return {r["source"]: r["value"] for r in reference_results()[kind]
+            if r["dataset"] == c["dataset"] and r["depth"] == c["depth"] and r["schedule"] == run.schedule
+            and r["p_last"] == c["p_last"]}
+
+
+def plot_figure3(runs, path: str) -> None:
+    """Test error against epoch, constant depth dashed, the best-validation epoch marked (paper Fig. 3)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for run in runs:
+        epochs = [m["epoch"] for m in run.metrics]
+        line, = ax.plot(epochs, [m["test_error"] for m in run.metrics], label=run.label,
+                        linestyle="--" if run.schedule == "constant" else "-")
+        best = run.summary["best_val_epoch"]
+        ax.plot([best], [run.summary["test_error_at_best_val"]], marker="o", color=line.get_color())
+        ax.annotate(f"{run.summary['test_error_at_best_val']:.2f}%", (best, run.summary["test_error_at_best_val"]),
+                    textcoords="offset points", xytext=(4, 6), color=line.get_color(), fontsize=8)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test error (%)")
+    ax.set_title(f"{runs[0].config['dataset']}: test error (dot: epoch of lowest validation error)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def time_ratios(runs) -> list:
+    """(run, measured mean epoch time / constant's, expected from survival probabilities) per SD run."""
+    constants = {(r.config["dataset"], r.config["depth"]): r for r in runs if r.schedule == "constant"}
+    out = []
+    for run in runs:
+        base = constants.get((run.config["dataset"], run.config["depth"]))
+        if base is None or run is base:
+            continue
+        mean_time = lambda r: sum(m["epoch_time_s"] for m in r.metrics) / len(r.metrics)
+        out.append((run, mean_time(run) / mean_time(base),
+                    expected_step_ratio(run.config["depth"], run.config["p_last"], run.config["survival_mode"])))
+    return out
+
+
+def plot_training_time(runs, path: str) -> None:
+    """Per-epoch time and cumulative training time per run, with the SD/constant ratios."""
+    fig, (per_epoch, total) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for run in runs:
+        epochs = [m["epoch"] for m in run.metrics]
+        times = [m["epoch_time_s"] for m in run.metrics]
+        style = "--" if run.schedule == "constant" else "-"
+        per_epoch.plot(epochs, times, style, label=run.label)
+        cumulative = [sum(times[:i + 1]) / 60.0 for i in range(len(times))]
+        total.plot(epochs, cumulative, style, label=run.label)
+    per_epoch.set(xlabel="epoch", ylabel="training time per epoch (s)", title="epoch time")
+    total.set(xlabel="epoch", ylabel="cumulative training time (min)", title="wall-clock (training only)")
+    notes = [f"{r.label}: measured {m:.3f} x constant, expected {e:.3f}" for r, m, e in time_ratios(runs)]
+    if notes:
+        total.text(0.02, 0.98, "\n".join(notes), transform=total.transAxes, va="top", fontsize=7,
+                   bbox={"facecolor": "white", "alpha": 0.8})
+    for ax in (per_epoch, total):
+        ax.grid(alpha=0.3)
+    per_epoch.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def table_markdown(runs) -> str:
+    """One row per run with its numbers and the published ones for the same setting."""
+    sources = reference_results()["sources"]
+    header = ("| run | dataset | depth | p_L | schedule | epochs | test error at best val (%) | best val epoch "
+              "| final test error (%) | train time | paper (%) | PyTorch reimplementations (%) |")
+    lines = [header, "|" + "---|" * 12]
+    for run in runs:
+        refs = references_for(run)
+        paper = f"{refs['paper']:.2f}" if "paper" in refs else "–"
+        torch = ", ".join(f"{v:.2f} ({k.replace('pytorch_', '').replace('_', ' ')})"
+                          for k, v in refs.items() if k != "paper") or "–"
+        s, c = run.summary, run.config
+        lines.append(f"| {os.path.basename(os.path.normpath(run.workdir))} | {c['dataset']} | {c['depth']} "
+                     f"| {c['p_last']:g} | {run.schedule} | {s['epochs_completed']} | {s['test_error_at_best_val']:.2f} "
+                     f"| {s['best_val_epoch']} | {s['final_test_error']:.2f} | {format_duration(s['train_time_s'])} "
+                     f"| {paper} | {torch} |")
+    for run, measured, expected in time_ratios(runs):
+        lines.append(f"\nTraining time of {run.label}: {measured:.3f} x constant depth (mean epoch time), "
+                     f"expected {expected:.3f} from the survival probabilities.")
+    paper_times = reference_results()["train_time_s"]
+    lines.append("\nPaper training times (ResNet-110, CIFAR-10, Torch7 on one TITAN X): "
+                 + ", ".join(f"{t['schedule']} {t['note'].split(',')[0]}" for t in paper_times) + ".")
+    lines.append("\nSources: " + "; ".join(f"{k}: {v}" for k, v in sources.items()) + ".")
+    return "\n".join(lines) + "\n"
+
+
+def format_duration(seconds: float) -> str:
+    hours, rest = divmod(int(round(seconds)), 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def sweep_points(root: str) -> dict:
+    """{mode: [(p_L, test error at best val), ...]} from the finished runs under a sweep root."""
+    points = {}
+    for name in sorted(os.listdir(root)):
+        workdir = os.path.join(root, name)
+        if os.path.isdir(workdir) and os.path.exists(os.path.join(workdir, records.SUMMARY_FILE)):
+            run = load_run(workdir)
+            points.setdefault(run.config["survival_mode"], []).append(
+                (run.config["p_last"], run.summary["test_error_at_best_val"]))
+    return {mode: sorted(p) for mode, p in points.items()}
+
+
+def plot_figure8(points: dict, path: str) -> list:
+    """Test error against p_L for linear decay and uniform survival (paper Fig. 8); returns the
+    plotted series as (label, xs, ys)."""
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for mode in sorted(points):
+        xs, ys = zip(*points[mode])
+        ax.plot(xs, ys, marker="o", label=f"{mode} {'decay' if mode == 'linear' else 'survival'}")
+    series = [(line.get_label(), list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()]
+    ax.set(xlabel="survival probability of the last block, p_L", ylabel="test error at best validation (%)",
+           title="Test error against p_L")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return series
+
+
+def write_report(workdirs, out: str) -> str:
+    runs = [load_run(w) for w in workdirs]
+    os.makedirs(out, exist_ok=True)
+    plot_figure3(runs, os.path.join(out, "figure3.png"))
+    plot_training_time(runs, os.path.join(out, "training_time.png"))
+    table = table_markdown(runs)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(table)
+    return table
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("workdirs", nargs="*", help="run workdirs to compare")
+    parser.add_argument("--sweep", help="a sweep root (python -m sd_jax.sweep) to plot as figure8.png")
+    parser.add_argument("--out", required=True, help="folder for the figures and table")
+    args = parser.parse_args(argv)
+    if not args.workdirs and not args.sweep:
+        parser.error("give run workdirs, --sweep ROOT, or both")
+    try:
+        if args.workdirs:
+            print(write_report(args.workdirs, args.out))
+        if args.sweep:
+            points = sweep_points(args.sweep)
+            if not points:
+                raise FileNotFoundError(f"no finished runs under {args.sweep}")
+            os.makedirs(args.out, exist_ok=True)
+            plot_figure8(points, os.path.join(args.out, "figure8.png"))
+            print(json.dumps(points))
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

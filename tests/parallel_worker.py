@@ -1,0 +1,73 @@
+"""Run in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=N (set before JAX starts).
+
+    python tests/parallel_worker.py TASK WORKDIR [config overrides as key=value ...]
+Prints one JSON object.
+"""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import PartitionSpec  # noqa: E402
+
+from sd_jax import checkpoints, parallel, records, training  # noqa: E402
+from tests.test_training import tiny_config  # noqa: E402
+
+
+def config_from(args):
+    overrides = {}
+    for arg in args:
+        key, value = arg.split("=", 1)
+        overrides[key] = json.loads(value) if value[0] in "0123456789[{-tf" else value
+        if isinstance(overrides[key], list):
+            overrides[key] = tuple(overrides[key])
+    return tiny_config(**overrides)
+
+
+def train(workdir, config):
+    """Train (or resume), then dump the final parameters next to the run's files."""
+    training.train_and_evaluate(config, workdir)
+    run = training.prepare_run(config)
+    ckpts = checkpoints.Checkpoints(workdir)
+    state, _ = ckpts.restore(run.state)
+    ckpts.close()
+    leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(state.params))
+    np.savez(os.path.join(workdir, "params.npz"), **{jax.tree_util.keystr(p): v for p, v in leaves})
+    return {"devices": jax.device_count(), "metrics": records.read_metrics(workdir)}
+
+
+def gates(workdir, config):
+    """Block gates each device draws in one training step, for several steps."""
+    run = training.prepare_run(config)
+    model, mesh = run.setup.model, run.setup.mesh
+    x = jnp.ones((config.batch_size, 16, 16, 3))
+    variables = {"params": run.state.params, "batch_stats": run.state.batch_stats}
+
+    def per_device(keys, step, x):
+        _, updates = model.apply(variables, x, train=True, rngs={"drop": training.device_drop_key(keys, step, config)},
+                                 mutable=["batch_stats", "gates"])
+        return jnp.stack([jnp.ravel(g) for g in jax.tree.leaves(updates["gates"])]).ravel()[None]
+
+    fn = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(),
+                                                                  PartitionSpec(parallel.AXIS)),
+                               out_specs=PartitionSpec(parallel.AXIS), check_vma=False))
+    return {"gates": [np.asarray(fn(run.keys, step, x)).tolist() for step in range(8)]}
+
+
+def conditionals(workdir, config):
+    """How many conditionals the compiled multi-device train step holds."""
+    run = training.prepare_run(config)
+    perm = training.epoch_permutation(run.keys, 0, len(run.dataset.train))
+    hlo = training.make_train_steps(run.setup, config).lower(
+        run.state, run.train, run.keys, perm, 0, 1).compile().as_text()
+    return {"conditionals": hlo.count(" conditional("), "blocks": run.setup.model.num_blocks}
+
+
+if __name__ == "__main__":
+    task, workdir = sys.argv[1], sys.argv[2]
+    result = {"train": train, "gates": gates, "conditionals": conditionals}[task](workdir, config_from(sys.argv[3:]))
+    print(json.dumps(result))

@@ -1,0 +1,116 @@
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from sd_jax import records, report, training
+from tests.conftest import ROOT
+from tests.test_training import tiny_config
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    workdirs = []
+    for name, p_last in (("constant", 1.0), ("stochastic", 0.5)):
+        workdir = str(root / name)
+        training.train_and_evaluate(tiny_config(dataset="digits", p_last=p_last, num_epochs=4), workdir)
+        workdirs.append(workdir)
+    return workdirs
+
+
+def test_report_files_and_table_numbers(two_runs, tmp_path):
+    out = str(tmp_path / "report")
+    table = report.write_report(two_runs, out)
+    for name in ("figure3.png", "training_time.png", "table.md"):
+        assert os.path.getsize(os.path.join(out, name)) > 1000 or name == "table.md"
+    assert open(os.path.join(out, "table.md")).read() == table
+    rows = [line for line in table.splitlines() if line.startswith("| constant") or line.startswith("| stochastic")]
+    assert len(rows) == 2
+    for row, workdir in zip(rows, two_runs):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        summary = records.read_json(workdir, records.SUMMARY_FILE)
+        metrics = records.read_metrics(workdir)
+        val = [m["val_error"] for m in metrics]
+        best_epoch = max(m["epoch"] for m in metrics if m["val_error"] == min(val))  # ties: the later epoch
+        assert int(cells[7]) == summary["best_val_epoch"] == best_epoch
+        assert float(cells[6]) == pytest.approx(summary["test_error_at_best_val"], abs=0.005)
+        assert float(cells[8]) == pytest.approx(summary["final_test_error"], abs=0.005)
+        assert cells[1] == "digits" and cells[4] == ("constant" if "constant" in workdir else "linear")
+    ratio = re.search(r"([0-9.]+) x constant depth \(mean epoch time\), expected ([0-9.]+)", table)
+    assert ratio and float(ratio.group(2)) == pytest.approx(report.expected_step_ratio(8, 0.5, "linear"), abs=5e-4)
+
+
+def test_table_quotes_the_published_numbers_for_the_same_setting():
+    run = report.RunRecord("w", {"dataset": "cifar10", "depth": 110, "p_last": 0.5, "survival_mode": "linear"},
+                           [], {})
+    assert report.references_for(run) == {"paper": 5.25, "pytorch_course_project": 5.20, "pytorch_projection": 5.15}
+    run.config["p_last"] = 1.0
+    assert report.references_for(run)["paper"] == 6.41
+    assert report.references_for(run, "train_time_s") == {"paper": 74520}
+
+
+def test_sweep_runs_both_modes_resumably_and_plots_both_series(tmp_path):
+    command = [sys.executable, "-m", "sd_jax.sweep", "--config", "configs/quickstart.py", "--root",
+               str(tmp_path / "sweep"), "--p_last", "0.3,0.7", "--modes", "linear,uniform",
+               "--config.dataset=synthetic", "--config.depth=8", "--config.num_epochs=1", "--config.lr_boundaries=(1,)"]
+    first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stderr.count("is finished; skipping it") == 4
+    points = report.sweep_points(str(tmp_path / "sweep"))
+    assert sorted(points) == ["linear", "uniform"] and all([p for p, _ in v] == [0.3, 0.7] for v in points.values())
+    series = report.plot_figure8(points, str(tmp_path / "figure8.png"))
+    assert [label for label, _, _ in series] == ["linear decay", "uniform survival"]
+    assert all(xs == [0.3, 0.7] for _, xs, _ in series)
+    cli = subprocess.run([sys.executable, "-m", "sd_jax.report", "--sweep", str(tmp_path / "sweep"), "--out",
+                          str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0 and os.path.getsize(tmp_path / "out" / "figure8.png") > 1000
+
+
+def test_report_cli_errors_on_an_unfinished_workdir(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "sd_jax.report", str(tmp_path), "--out", str(tmp_path / "o")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "lacks" in result.stderr
+
+
+def run_notebook(path, parameters, cwd):
+    """Execute a notebook's code cells in order, its "parameters" cell replaced by `parameters`."""
+    with open(path) as f:
+        notebook = json.load(f)
+    namespace = {"__name__": "__main__"}
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        for cell in notebook["cells"]:
+            if cell["cell_type"] != "code":
+                continue
+            source = "".join(cell["source"])
+            if "parameters" in cell.get("metadata", {}).get("tags", []):
+                source = parameters
+            exec(compile(source, f"{os.path.basename(path)} cell", "exec"), namespace)
+    finally:
+        os.chdir(old)
+    return namespace
+
+
+def test_quickstart_notebook_runs(tmp_path):
+    ns = run_notebook(os.path.join(ROOT, "notebooks", "quickstart.ipynb"),
+                      'INSTALL = False\nREPO = ""\nWORKDIR = "run"\nREPORT_DIR = "report"\nDEPTH = 8\nEPOCHS = 2\n',
+                      tmp_path)
+    assert ns["summary"]["epochs_completed"] == 2
+    assert (tmp_path / "report" / "figure3.png").exists()
+
+
+def test_reproduce_paper_notebook_runs(tmp_path):
+    ns = run_notebook(os.path.join(ROOT, "notebooks", "reproduce_paper.ipynb"),
+                      'INSTALL = False\nREPO = ""\nTRAIN = True\n'
+                      'WORKDIRS = {"constant": "c", "stochastic": "s"}\nREPORT_DIR = "report"\n'
+                      'OVERRIDES = {"dataset": "synthetic", "depth": 8, "num_epochs": 2, "lr_boundaries": (1,)}\n',
+                      tmp_path)
+    assert "5.25" not in ns["table"]  # no paper row for ResNet-8 on synthetic data
+    assert (tmp_path / "report" / "training_time.png").exists()
+    assert records.read_json(str(tmp_path / "s"), records.CONFIG_FILE)["p_last"] == 0.5
