@@ -11,6 +11,7 @@ import ml_collections
 
 from sd_jax import checkpoints, records, training
 from sd_jax.config import default_config
+from sd_jax.data_files import DataError
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -42,7 +43,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         result = evaluate(args.workdir, args.checkpoint)
-    except (OSError, checkpoints.CheckpointError) as e:
+    except (OSError, checkpoints.CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps(result))

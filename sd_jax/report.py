@@ -71,7 +71,7 @@ def plot_figure3(runs, path: str) -> None:
         best = run.summary["best_val_epoch"]
         ax.plot([best], [run.summary["test_error_at_best_val"]], marker="o", color=line.get_color())
         ax.annotate(f"{run.summary['test_error_at_best_val']:.2f}%", (best, run.summary["test_error_at_best_val"]),
-                    textcoords="offset points", xytext=(4, 6), color=line.get_color(), fontsize=8)
+                    textcoords="offset points", xytext=(-4, 7), ha="right", color=line.get_color(), fontsize=8)
     ax.set_xlabel("epoch")
     ax.set_ylabel("test error (%)")
     ax.set_title(f"{runs[0].config['dataset']}: test error (dot: epoch of lowest validation error)")
@@ -109,13 +109,12 @@ def plot_training_time(runs, path: str) -> None:
     per_epoch.set(xlabel="epoch", ylabel="training time per epoch (s)", title="epoch time")
     total.set(xlabel="epoch", ylabel="cumulative training time (min)", title="wall-clock (training only)")
     notes = [f"{r.label}: measured {m:.3f} x constant, expected {e:.3f}" for r, m, e in time_ratios(runs)]
-    if notes:
-        total.text(0.02, 0.98, "\n".join(notes), transform=total.transAxes, va="top", fontsize=7,
-                   bbox={"facecolor": "white", "alpha": 0.8})
     for ax in (per_epoch, total):
         ax.grid(alpha=0.3)
     per_epoch.legend(fontsize=7)
-    fig.tight_layout()
+    caption_lines = len(notes)
+    fig.text(0.01, 0.01, "\n".join(notes), fontsize=8, va="bottom")
+    fig.tight_layout(rect=(0, 0.045 * caption_lines, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -141,7 +140,8 @@ def table_markdown(runs) -> str:
                      f"expected {expected:.3f} from the survival probabilities.")
     paper_times = reference_results()["train_time_s"]
     lines.append("\nPaper training times (ResNet-110, CIFAR-10, Torch7 on one TITAN X): "
-                 + ", ".join(f"{t['schedule']} {t['note'].split(',')[0]}" for t in paper_times) + ".")
+                 + ", ".join(f"{'constant' if t['schedule'] == 'constant' else 'stochastic'} depth "
+                             f"{t['note'].split(',')[0]}" for t in paper_times) + ".")
     lines.append("\nSources: " + "; ".join(f"{k}: {v}" for k, v in sources.items()) + ".")
     return "\n".join(lines) + "\n"
 
