@@ -5,7 +5,6 @@ every step gathers, normalises and augments its batch inside the jitted loop. St
 `fold_in(root, step)`, so a run is reproducible from its seed.
 """
 import dataclasses
-import functools
 import logging
 import time
 from typing import Any

@@ -9,6 +9,10 @@ tfds = pytest.importorskip("tensorflow_datasets", reason="tensorflow-datasets is
 
 from sd_jax import data  # noqa: E402
 from sd_jax.data_files import DataError  # noqa: E402
+from sd_jax.data_tfds import DOWNLOAD_HOSTS, can_reach  # noqa: E402
+
+offline = pytest.mark.skipif(can_reach(DOWNLOAD_HOSTS["cifar10"][0]),
+                             reason="this machine reaches the download host: the offline path cannot be tested")
 
 
 def cache_files(data_dir):
@@ -37,6 +41,7 @@ def test_svhn_through_tfds_uses_train_and_extra(tmp_path):
     assert (svhn.translate, svhn.flip) == (0, False)
 
 
+@offline
 def test_offline_without_prepared_data_fails_fast_and_says_how_to_fix(tmp_path):
     start = time.perf_counter()
     with pytest.raises(DataError) as error:
@@ -47,6 +52,7 @@ def test_offline_without_prepared_data_fails_fast_and_says_how_to_fix(tmp_path):
     assert cache_files(str(tmp_path)) == []
 
 
+@offline
 def test_damaged_cache_is_not_trusted(tmp_path):
     data_dir = str(tmp_path)
     with tfds.testing.mock_data(num_examples=5100):
