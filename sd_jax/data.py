@@ -100,10 +100,8 @@ def cifar_splits(raw, val_size: int = 5000, seed: int = 0):
     images, labels = raw["train"]
     if not 0 < val_size < len(labels):
         raise DataError(f"cannot hold out {val_size} validation images from {len(labels)} training images")
-    order = np.random.default_rng(seed).permutation(len(labels))
-    val, train = order[:val_size], order[val_size:]
-    return (Split(images[train], labels[train].astype(np.int32)), Split(images[val], labels[val].astype(np.int32)),
-            Split(raw["test"][0], raw["test"][1].astype(np.int32)))
+    val, train = split_by_permutation(images, labels, (val_size, len(labels) - val_size), seed)
+    return train, val, Split(raw["test"][0], raw["test"][1].astype(np.int32))
 
 
 def svhn_splits(raw, per_class=(400, 200), num_classes: int = 10, seed: int = 0):

@@ -146,3 +146,10 @@ def test_learning_rate_schedule_with_warmup_and_decays():
     assert {step: pytest.approx(float(schedule(step))) for step in expected} == expected
     plain = training.learning_rate_schedule(tiny_config(lr_boundaries=(3, 5)), steps_per_epoch=10)
     assert [float(plain(s)) for s in (0, 29, 30, 50)] == pytest.approx([0.1, 0.1, 0.01, 0.001])
+
+
+def test_bfloat16_training_runs_and_learns(tmp_path):
+    training.train_and_evaluate(tiny_config(dtype="bfloat16", num_epochs=2, lr_boundaries=(2,)), str(tmp_path))
+    lines = records.read_metrics(str(tmp_path))
+    assert all(np.isfinite(l["train_loss"]) for l in lines)
+    assert lines[-1]["train_loss"] < lines[0]["train_loss"]
