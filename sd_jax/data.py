@@ -5,13 +5,13 @@ The training loop puts them on the accelerator whole; see `sd_jax.augment` for w
 import dataclasses
 import logging
 import os
-import tempfile
 from typing import Callable, Dict
 
 import numpy as np
 
 from sd_jax.data_files import CIFAR_LAYOUTS, DataError, check_arrays, read_cifar, read_svhn
 from sd_jax.data_tfds import read_tfds
+from sd_jax.records import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -164,10 +164,8 @@ def read_official(name: str, data_dir: str, source: str):
             log.warning("cache %s is unreadable (%s); reading the data again", cache, e)
     raw = read_tfds(name, data_dir, OFFICIAL[name].splits)
     os.makedirs(os.path.dirname(cache), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(cache), prefix=".tmp-", suffix=".npz")
-    with os.fdopen(fd, "wb") as f:
-        np.savez(f, **{f"{s}_{k}": v for s, (x, y) in raw.items() for k, v in (("images", x), ("labels", y))})
-    os.replace(tmp, cache)
+    arrays = {f"{s}_{k}": v for s, (x, y) in raw.items() for k, v in (("images", x), ("labels", y))}
+    write_atomic(cache, lambda f: np.savez(f, **arrays), binary=True)
     return raw
 
 

@@ -17,14 +17,17 @@ class WorkdirError(OSError):
     """The workdir cannot be used; the message says why and what to do."""
 
 
-def write_json_atomic(path: str, obj) -> None:
-    """Write JSON to a temporary file and rename it into place: never a half-written file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
+def write_atomic(path: str, write, binary: bool = False) -> None:
+    """Call write(file) on a temporary file beside `path`, then rename it into place: readers never
+    see a half-written file, and an interrupted write leaves the old one."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+    with os.fdopen(fd, "wb" if binary else "w") as f:
+        write(f)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: str, obj) -> None:
+    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
 
 
 def read_metrics(workdir: str) -> list:
@@ -103,10 +106,8 @@ class RunDir:
         history = [line for line in read_metrics(self.workdir) if line["epoch"] <= last_epoch]
         if not self.primary:
             return history
-        fd, tmp = tempfile.mkstemp(dir=self.workdir, prefix=".tmp-", suffix=".jsonl")
-        with os.fdopen(fd, "w") as f:
-            f.writelines(json.dumps(line, sort_keys=True) + "\n" for line in history)
-        os.replace(tmp, self.path(METRICS_FILE))
+        write_atomic(self.path(METRICS_FILE),
+                     lambda f: f.writelines(json.dumps(line, sort_keys=True) + "\n" for line in history))
         return history
 
     def append_metrics(self, line: dict) -> None:

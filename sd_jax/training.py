@@ -273,9 +273,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, restart:
     num_params = count_params(state.params)
     expected_active = expected_active_blocks(setup.model.num_blocks, config.p_last, config.survival_mode)
     log.info("%s: %d train / %d val / %d test images; ResNet-%d, %d parameters, %d blocks, "
-                 "%.2f expected active; %d steps/epoch on %d x %s", run.dataset.name, len(run.dataset.train),
-                 len(run.dataset.val), len(run.dataset.test), config.depth, num_params, setup.model.num_blocks,
-                 expected_active, setup.steps_per_epoch, setup.mesh.size, jax.devices()[0].device_kind)
+             "%.2f expected active; %d steps/epoch on %d x %s", run.dataset.name, len(run.dataset.train),
+             len(run.dataset.val), len(run.dataset.test), config.depth, num_params, setup.model.num_blocks,
+             expected_active, setup.steps_per_epoch, setup.mesh.size, jax.devices()[0].device_kind)
 
     ckpts = checkpoints.Checkpoints(workdir)
     restored = ckpts.restore(state)
@@ -316,7 +316,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, restart:
                 if time.perf_counter() - last_log > 30 and first + count < setup.steps_per_epoch:
                     last_log = time.perf_counter()
                     log.info("epoch %d: step %d/%d, loss %.4f", epoch, first + count, setup.steps_per_epoch,
-                                 totals["loss"] / (totals["steps"] * config.batch_size))
+                             totals["loss"] / (totals["steps"] * config.batch_size))
             epoch_time = time.perf_counter() - epoch_start
             images_seen = totals["steps"] * config.batch_size
             errors = run.error_rates(count_errors, state)
@@ -339,9 +339,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, restart:
                 best_val = line["val_error"]
                 ckpts.save(checkpoints.BEST, epoch, state, line["val_error"])
             log.info("epoch %d/%d  loss %.4f  train %.2f%%  val %.2f%%  test %.2f%%  lr %.4g  %.1f s "
-                         "(%.0f img/s)  active blocks %.1f/%d", epoch, config.num_epochs, line["train_loss"],
-                         line["train_error"], line["val_error"], line["test_error"], lr, epoch_time,
-                         line["images_per_s"], line["mean_active_blocks"], setup.model.num_blocks)
+                     "(%.0f img/s)  active blocks %.1f/%d", epoch, config.num_epochs, line["train_loss"],
+                     line["train_error"], line["val_error"], line["test_error"], lr, epoch_time,
+                     line["images_per_s"], line["mean_active_blocks"], setup.model.num_blocks)
     finally:
         ckpts.wait()
         ckpts.close()
@@ -351,5 +351,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, restart:
                    wall_time_s=time.perf_counter() - wall_start)
     run_dir.write_summary(summary)
     log.info("test error at best validation (epoch %d): %.2f%%; final test error %.2f%%",
-                 summary["best_val_epoch"], summary["test_error_at_best_val"], summary["final_test_error"])
+             summary["best_val_epoch"], summary["test_error_at_best_val"], summary["final_test_error"])
     return summary
