@@ -1,7 +1,8 @@
 """Benchmark the real jitted training step: constant depth vs stochastic depth (and a PyTorch peer).
 
     python -m sd_jax.bench --depth 110 --batch-size 128 [--steps 3] [--rounds 5] [--dtype float32]
-        [--peer torch] [--scan-blocks] [--conv-grads auto|explicit|xla]
+        [--peer torch [--peer-channels-last]] [--scan-blocks] [--conv-grads auto|explicit|xla]
+        [--compiler-options project|none|both]
 
 Each configuration is compiled, warmed up, then timed in rounds; every round times each
 configuration once, alternately, so drifts of a noisy machine hit them all alike. Prints one JSON
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sd_jax import parallel, training
+from sd_jax import compiler, parallel, training
 from sd_jax.config import default_config
 from sd_jax.models import blocks_per_stage
 from sd_jax.schedules import survival_probabilities
@@ -88,7 +89,10 @@ class JaxStep:
 
 
 class TorchStep:
-    """The PyTorch eager peer from shared/peers, timed step by step."""
+    """The PyTorch eager peer from shared/peers, timed step by step on the GPU if there is one.
+
+    `--dtype bfloat16` runs it under bf16 autocast; `--peer-channels-last` in NHWC memory format.
+    """
 
     def __init__(self, args, p_last: float, mode: str):
         import torch
@@ -98,20 +102,33 @@ class TorchStep:
         peer = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(peer)
         torch.manual_seed(0)
-        self.model = peer.ResNetSD(args.depth, 10, p_last, mode).train()
+        self.torch, self.F = torch, F
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        memory_format = torch.channels_last if args.peer_channels_last else torch.contiguous_format
+        self.model = peer.ResNetSD(args.depth, 10, p_last, mode).to(self.device, memory_format=memory_format).train()
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9, nesterov=True,
                                    weight_decay=1e-4)
-        self.x = torch.randn(args.batch_size, 3, 32, 32)
-        self.y = torch.randint(0, 10, (args.batch_size,))
-        self.steps, self.F, self.compile_s = args.steps, F, 0.0
+        self.x = torch.randn(args.batch_size, 3, 32, 32, device=self.device).to(memory_format=memory_format)
+        self.y = torch.randint(0, 10, (args.batch_size,), device=self.device)
+        self.bfloat16 = args.dtype == "bfloat16"
+        self.device_kind = torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu (torch)"
+        self.steps, self.compile_s = args.steps, 0.0
         self.run()  # warm-up
 
+    def _sync(self):
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize()
+
     def run(self) -> float:
+        self._sync()
         start = time.perf_counter()
         for _ in range(self.steps):
             self.opt.zero_grad(set_to_none=True)
-            self.F.cross_entropy(self.model(self.x), self.y).backward()
+            with self.torch.autocast(self.device.type, dtype=self.torch.bfloat16, enabled=self.bfloat16):
+                loss = self.F.cross_entropy(self.model(self.x), self.y)
+            loss.backward()
             self.opt.step()
+        self._sync()
         return (time.perf_counter() - start) / self.steps
 
 
@@ -124,10 +141,14 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--scan-blocks", action="store_true")
     parser.add_argument("--conv-grads", default="auto", choices=("auto", "explicit", "xla"))
+    parser.add_argument("--compiler-options", default="project", choices=("project", "none", "both"),
+                        help="compile with the project's XLA options (sd_jax/compiler.py), without, or "
+                             "both, timed alternately (rows 'jax' and 'jax-no-options')")
     parser.add_argument("--configs", default="constant,stochastic,floor",
                         help="comma-separated subset of " + ",".join(c[0] for c in CONFIGURATIONS))
     parser.add_argument("--peer", choices=("torch",), help="also time the PyTorch eager peer")
     parser.add_argument("--peer-path", default=PEER_PATH, help="path of torch_resnet_sd.py")
+    parser.add_argument("--peer-channels-last", action="store_true", help="run the peer in NHWC memory format")
     args = parser.parse_args(argv)
     blocks_per_stage(args.depth)
     unknown = set(args.configs.split(",")) - {c[0] for c in CONFIGURATIONS}
@@ -142,7 +163,11 @@ def main(argv=None):
     runners = []
     for name, p_last, mode in CONFIGURATIONS:
         if name in wanted:
-            runners.append(("jax", name, p_last, mode, JaxStep(args, p_last, mode)))
+            if args.compiler_options in ("project", "both"):
+                runners.append(("jax", name, p_last, mode, JaxStep(args, p_last, mode)))
+            if args.compiler_options in ("none", "both"):
+                with compiler.without_options():
+                    runners.append(("jax-no-options", name, p_last, mode, JaxStep(args, p_last, mode)))
             if args.peer:
                 runners.append((args.peer, name, p_last, mode, TorchStep(args, p_last, mode)))
     times = [[] for _ in runners]
@@ -156,19 +181,25 @@ def main(argv=None):
         row = {"framework": framework, "config": name, "depth": args.depth, "p_last": p_last, "mode": mode,
                "batch_size": args.batch_size, "dtype": args.dtype, "compile_s": round(step.compile_s, 3),
                "step_s_median": median, "images_per_s": args.batch_size / median,
-               "device_kind": device.device_kind if framework == "jax" else "cpu (torch)"}
+               "device_kind": step.device_kind if framework == args.peer else device.device_kind}
         results[(framework, name)] = row
         print(json.dumps(row), flush=True)
     summary = {"summary": True, "depth": args.depth, "batch_size": args.batch_size, "dtype": args.dtype,
                "backend": jax.default_backend(), "device_kind": device.device_kind, "jax": jax.__version__,
                "machine": platform.node(), "cpu_count": os.cpu_count(),
                "date": datetime.date.today().isoformat(), "scan_blocks": args.scan_blocks,
-               "conv_grads": args.conv_grads, "steps": args.steps, "rounds": args.rounds}
+               "conv_grads": args.conv_grads, "compiler_options": compiler.compiler_options(),
+               "compiler_options_mode": args.compiler_options,
+               "peer_channels_last": args.peer_channels_last, "steps": args.steps, "rounds": args.rounds}
     for framework in ("jax", args.peer):
         const, sd = results.get((framework, "constant")), results.get((framework, "stochastic"))
         if const and sd:
             key = "sd_over_constant" if framework == "jax" else f"{framework}_sd_over_constant"
             summary[key] = sd["step_s_median"] / const["step_s_median"]
+    for name in wanted:
+        if ("jax", name) in results and ("jax-no-options", name) in results:
+            summary[f"options_speedup_{name}"] = (results[("jax-no-options", name)]["step_s_median"]
+                                                  / results[("jax", name)]["step_s_median"])
     if ("jax", "stochastic") in results:
         summary["expected_ratio"] = expected_step_ratio(args.depth, 0.5, "linear")
     if ("jax", "floor") in results and ("jax", "constant") in results:

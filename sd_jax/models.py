@@ -54,6 +54,11 @@ class BasicBranch(nn.Module):
         return batch_norm(train, self.dtype, "bn2", self.bn_axis_name)(y)
 
 
+# Under nn.jit each branch enters the traced step as one nested call, which halves the time JAX
+# takes to differentiate the 54 conds of ResNet-110 (docs/performance.md); the HLO is unchanged.
+JittedBranch = nn.jit(BasicBranch, static_argnames=("train",))
+
+
 class ScannedStochasticDepth(StochasticDepth):
     """StochasticDepth with the (carry, scanned input, broadcast) signature `nn.scan` needs."""
 
@@ -81,7 +86,7 @@ class Stage(nn.Module):
     bn_axis_name: Optional[str] = None
 
     def _branch(self, stride):
-        return BasicBranch(self.features, stride, self.dtype, self.conv_grads, self.bn_axis_name, parent=None)
+        return JittedBranch(self.features, stride, self.dtype, self.conv_grads, self.bn_axis_name, parent=None)
 
     def _shortcut(self, stride):
         return functools.partial(option_a_shortcut, features=self.features, stride=stride)

@@ -17,7 +17,7 @@ import optax
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sd_jax import augment, checkpoints, data, parallel, records
+from sd_jax import augment, checkpoints, compiler, data, parallel, records
 from sd_jax.config import ConfigError, validate
 from sd_jax.models import ResNetCIFAR, active_blocks, count_params
 from sd_jax.schedules import drop_scale, expected_active_blocks
@@ -49,10 +49,15 @@ def synchronised_batch_norm(config) -> bool:
 
 
 def build_model(config, num_classes: int) -> ResNetCIFAR:
+    """The configured network. On one device BatchNorm gets no axis name: averaging over one device
+    is the identity, and with a collective inside every block's cond XLA:CPU spent 0.3 s/step on
+    copies and zero-filled buffers around the conds even with every block dropped (ResNet-110,
+    docs/performance.md)."""
+    synchronised = synchronised_batch_norm(config) and jax.device_count() > 1
     return ResNetCIFAR(
         depth=config.depth, num_classes=num_classes, p_last=config.p_last, mode=config.survival_mode,
         drop_mode=config.drop_mode, dtype=jnp.dtype(config.dtype), scan_blocks=config.scan_blocks,
-        conv_grads=config.conv_grads, bn_axis_name=parallel.AXIS if synchronised_batch_norm(config) else None,
+        conv_grads=config.conv_grads, bn_axis_name=parallel.AXIS if synchronised else None,
     )
 
 
@@ -176,7 +181,7 @@ def make_train_steps(setup: Setup, config):
     replicated = PartitionSpec()
     sharded = jax.shard_map(train_steps, mesh=setup.mesh, in_specs=(replicated,) * 6,
                             out_specs=(replicated, replicated), check_vma=False)
-    return jax.jit(sharded, donate_argnums=0)
+    return compiler.jit(sharded, donate_argnums=0)
 
 
 def epoch_permutation(keys, epoch, num_train: int):
@@ -213,7 +218,7 @@ def make_count_errors(config, model: ResNetCIFAR, mesh: Mesh):
     sharded = jax.shard_map(count_errors, mesh=mesh, out_specs=replicated, check_vma=False,
                             in_specs=(replicated, {"images": batch_split, "labels": batch_split}, replicated,
                                       replicated))
-    return jax.jit(sharded)
+    return compiler.jit(sharded)
 
 
 def eval_variables(state: TrainState) -> dict:

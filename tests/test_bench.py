@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from sd_jax import bench
+from sd_jax import bench, compiler
 
 FIELDS = {"framework", "config", "depth", "p_last", "mode", "compile_s", "step_s_median", "images_per_s",
           "device_kind", "batch_size", "dtype"}
@@ -23,6 +23,7 @@ def test_bench_reports_each_configuration_and_a_summary(capsys):
         assert row["step_s_median"] > 0 and row["images_per_s"] == pytest.approx(8 / row["step_s_median"])
     assert summary["sd_over_constant"] == pytest.approx(configs[1]["step_s_median"] / configs[0]["step_s_median"])
     assert summary["expected_ratio"] == pytest.approx(bench.expected_step_ratio(8, 0.5, "linear"))
+    assert summary["compiler_options"] == compiler.compiler_options()
 
 
 def test_expected_ratio_from_block_costs():
@@ -39,8 +40,18 @@ def test_bench_with_torch_peer(capsys):
     pytest.importorskip("torch", reason="PyTorch is not installed")
     if not os.path.exists(bench.PEER_PATH):
         pytest.skip(f"peer {bench.PEER_PATH} not found")
-    rows = run_bench(capsys, "--peer", "torch", "--configs", "constant,stochastic")
+    rows = run_bench(capsys, "--peer", "torch", "--peer-channels-last", "--configs", "constant,stochastic")
     assert [(r["framework"], r["config"]) for r in rows[:-1]] == [
         ("jax", "constant"), ("torch", "constant"), ("jax", "stochastic"), ("torch", "stochastic")]
     summary = rows[-1]
+    assert summary["peer_channels_last"] is True
     assert summary["speedup_vs_peer"] == pytest.approx(rows[3]["step_s_median"] / rows[2]["step_s_median"])
+
+
+def test_bench_times_with_and_without_the_project_compiler_options(capsys):
+    rows = run_bench(capsys, "--compiler-options", "both", "--configs", "constant")
+    *configs, summary = rows
+    assert [r["framework"] for r in configs] == ["jax", "jax-no-options"]
+    assert summary["options_speedup_constant"] == pytest.approx(
+        configs[1]["step_s_median"] / configs[0]["step_s_median"])
+    assert compiler.compiler_options() == summary["compiler_options"]  # restored after the "none" build

@@ -1,0 +1,69 @@
+"""XLA options the project sets on its own jitted computations, per backend, measured to help.
+
+They go through `jax.jit(..., compiler_options=...)`, so they touch only sd_jax's computations and
+never the process-wide XLA_FLAGS; an option that the user's XLA_FLAGS names is left to the user.
+docs/performance.md has the measurement behind each option.
+"""
+import contextlib
+import functools
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+
+log = logging.getLogger(__name__)
+
+# XLA:CPU hands reductions (BatchNorm's sums) to YNNPACK by default; those library calls cannot
+# fuse with their producers, and the training step runs faster with XLA's own fused reductions.
+# Dots stay with YNNPACK.
+BACKEND_OPTIONS = {
+    "cpu": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"},
+}
+
+
+_active = True
+
+
+@contextlib.contextmanager
+def without_options():
+    """Compile without the project's options inside this block (for before/after measurements)."""
+    global _active
+    saved, _active = _active, False
+    try:
+        yield
+    finally:
+        _active = saved
+
+
+def user_flags() -> str:
+    """The XLA_FLAGS of this process: options named there are the user's to set."""
+    return os.environ.get("XLA_FLAGS", "")
+
+
+@functools.lru_cache(maxsize=None)
+def _accepted(items: tuple) -> bool:
+    """Whether this jaxlib knows the options (names change between XLA versions)."""
+    try:
+        jax.jit(jnp.sum, compiler_options=dict(items)).lower(jnp.ones(2)).compile()
+        return True
+    except Exception as error:  # noqa: BLE001 - XLA reports an unknown option as a generic error
+        log.warning("XLA did not accept compiler options %s (%s); compiling without them.",
+                        dict(items), str(error).splitlines()[0])
+        return False
+
+
+def compiler_options() -> dict:
+    """The options for JAX's default backend, minus any that the user's XLA_FLAGS set."""
+    if not _active:
+        return {}
+    flags = user_flags()
+    options = {k: v for k, v in BACKEND_OPTIONS.get(jax.default_backend(), {}).items() if f"--{k}" not in flags}
+    if options and not _accepted(tuple(sorted(options.items()))):
+        return {}
+    return options
+
+
+def jit(fun, **kwargs):
+    """`jax.jit` with the project's compiler options for the default backend."""
+    return jax.jit(fun, compiler_options=compiler_options() or None, **kwargs)

@@ -1,0 +1,47 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sd_jax import compiler
+
+CPU_ONLY = pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the XLA:CPU options")
+
+
+@pytest.fixture
+def no_user_flags(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "")
+
+
+def batch_norm_sums(x):
+    return jnp.sum(x, axis=(0, 1, 2)), jnp.sum(x * x, axis=(0, 1, 2))
+
+
+@CPU_ONLY
+def test_cpu_reductions_are_compiled_by_xla_not_ynnpack(no_user_flags):
+    assert compiler.compiler_options() == compiler.BACKEND_OPTIONS["cpu"]
+    x = np.random.default_rng(0).normal(size=(8, 6, 6, 4)).astype(np.float32)
+    fn = compiler.jit(batch_norm_sums)
+    assert "__ynn_fusion" not in fn.lower(x).compile().as_text()
+    sums, squares = fn(x)
+    np.testing.assert_allclose(sums, x.astype(np.float64).sum((0, 1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(squares, (x.astype(np.float64) ** 2).sum((0, 1, 2)), rtol=1e-5)
+
+
+@CPU_ONLY
+def test_an_option_named_in_xla_flags_is_left_to_the_user(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE")
+    assert compiler.compiler_options() == {}
+
+
+@CPU_ONLY
+def test_an_option_this_xla_does_not_know_is_dropped_with_a_warning(no_user_flags, monkeypatch, caplog):
+    monkeypatch.setitem(compiler.BACKEND_OPTIONS, "cpu", {"xla_cpu_no_such_option_sd_jax": "1"})
+    assert compiler.compiler_options() == {}
+    assert "did not accept" in caplog.text
+    assert float(compiler.jit(jnp.sum)(jnp.arange(4.0))) == 6.0
+
+
+def test_backends_without_options_get_none(no_user_flags, monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert compiler.compiler_options() == {}
