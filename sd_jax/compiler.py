@@ -49,7 +49,7 @@ def _accepted(items: tuple) -> bool:
         return True
     except Exception as error:  # noqa: BLE001 - XLA reports an unknown option as a generic error
         log.warning("XLA did not accept compiler options %s (%s); compiling without them.",
-                        dict(items), str(error).splitlines()[0])
+                    dict(items), str(error).splitlines()[0])
         return False
 
 

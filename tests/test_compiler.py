@@ -17,15 +17,18 @@ def batch_norm_sums(x):
     return jnp.sum(x, axis=(0, 1, 2)), jnp.sum(x * x, axis=(0, 1, 2))
 
 
+def assert_sums_match_float64(sums, squares, x, rtol):
+    np.testing.assert_allclose(sums, x.astype(np.float64).sum((0, 1, 2)), rtol=rtol)
+    np.testing.assert_allclose(squares, (x.astype(np.float64) ** 2).sum((0, 1, 2)), rtol=rtol)
+
+
 @CPU_ONLY
 def test_cpu_reductions_are_compiled_by_xla_not_ynnpack(no_user_flags):
     assert compiler.compiler_options() == compiler.BACKEND_OPTIONS["cpu"]
     x = np.random.default_rng(0).normal(size=(8, 6, 6, 4)).astype(np.float32)
     fn = compiler.jit(batch_norm_sums)
     assert "__ynn_fusion" not in fn.lower(x).compile().as_text()
-    sums, squares = fn(x)
-    np.testing.assert_allclose(sums, x.astype(np.float64).sum((0, 1, 2)), rtol=1e-5)
-    np.testing.assert_allclose(squares, (x.astype(np.float64) ** 2).sum((0, 1, 2)), rtol=1e-5)
+    assert_sums_match_float64(*fn(x), x, rtol=1e-5)
 
 
 @CPU_ONLY
@@ -33,9 +36,7 @@ def test_batch_norm_statistics_of_a_stage_one_activation_stay_accurate(no_user_f
     """XLA's reduction accumulates less precisely than YNNPACK's (about 4e-6 against 1e-7 relative
     here); BatchNorm needs far less, but the bound would catch a real precision regression."""
     x = (np.random.default_rng(1).normal(size=(128, 32, 32, 16)) * 2 + 3).astype(np.float32)
-    sums, squares = compiler.jit(batch_norm_sums)(x)
-    np.testing.assert_allclose(sums, x.astype(np.float64).sum((0, 1, 2)), rtol=2e-5)
-    np.testing.assert_allclose(squares, (x.astype(np.float64) ** 2).sum((0, 1, 2)), rtol=2e-5)
+    assert_sums_match_float64(*compiler.jit(batch_norm_sums)(x), x, rtol=2e-5)
 
 
 @CPU_ONLY
