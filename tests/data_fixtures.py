@@ -26,17 +26,22 @@ def _chunks(images, labels, parts):
     return list(zip(np.array_split(images, parts), np.array_split(labels, parts)))
 
 
+def _members(name, arrays, pack, suffix=""):
+    """{member name: pack(images, labels)} in the official layout: five training batches and a test
+    batch for CIFAR-10, one train and one test file for CIFAR-100."""
+    if name == "cifar10":
+        files = {f"data_batch_{i + 1}{suffix}": pack(x, y) for i, (x, y) in enumerate(_chunks(*arrays["train"], 5))}
+        files[f"test_batch{suffix}"] = pack(*arrays["test"])
+        return files
+    return {f"train{suffix}": pack(*arrays["train"]), f"test{suffix}": pack(*arrays["test"])}
+
+
 def python_batches(name, arrays):
     """{member name: pickled bytes} of the CIFAR python version."""
     label_key = b"labels" if name == "cifar10" else b"fine_labels"
     pack = lambda x, y: pickle.dumps({b"data": x.transpose(0, 3, 1, 2).reshape(len(x), -1),
                                       label_key: [int(v) for v in y], b"coarse_labels": [0] * len(y)})
-    if name == "cifar10":
-        files = {f"data_batch_{i + 1}": pack(x, y) for i, (x, y) in enumerate(_chunks(*arrays["train"], 5))}
-        files["test_batch"] = pack(*arrays["test"])
-    else:
-        files = {"train": pack(*arrays["train"]), "test": pack(*arrays["test"])}
-    return files
+    return _members(name, arrays, pack)
 
 
 def binary_batches(name, arrays):
@@ -45,12 +50,7 @@ def binary_batches(name, arrays):
         labels = [y[:, None]] if name == "cifar10" else [np.zeros((len(y), 1), np.int64), y[:, None]]
         return np.concatenate([*(l.astype(np.uint8) for l in labels),
                                x.transpose(0, 3, 1, 2).reshape(len(x), -1)], axis=1).tobytes()
-    if name == "cifar10":
-        files = {f"data_batch_{i + 1}.bin": pack(x, y) for i, (x, y) in enumerate(_chunks(*arrays["train"], 5))}
-        files["test_batch.bin"] = pack(*arrays["test"])
-    else:
-        files = {"train.bin": pack(*arrays["train"]), "test.bin": pack(*arrays["test"])}
-    return files
+    return _members(name, arrays, pack, suffix=".bin")
 
 
 def write_folder(root, folder, files):
