@@ -2,7 +2,7 @@
 
     python -m sd_jax.bench --depth 110 --batch-size 128 [--steps 3] [--rounds 5] [--dtype float32]
         [--peer torch [--peer-channels-last]] [--scan-blocks] [--conv-grads auto|explicit|xla]
-        [--compiler-options project|none|both]
+        [--compiler-options project|none|both] [--batch-mask on|off|both]
 
 Each configuration is compiled, warmed up, then timed in rounds; every round times each
 configuration once, alternately, so drifts of a noisy machine hit them all alike. Prints one JSON
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sd_jax import compiler, parallel, training
-from sd_jax.config import default_config
+from sd_jax.config import default_config, resolve_convention
 from sd_jax.models import blocks_per_stage
 from sd_jax.schedules import survival_probabilities
 
@@ -62,15 +62,18 @@ def random_train_data(num_images: int, seed: int = 0) -> dict:
 class JaxStep:
     """The training loop's own jitted multi-step function, on random CIFAR-shaped data."""
 
-    def __init__(self, args, p_last: float, mode: str):
+    def __init__(self, args, p_last: float, mode: str, batch_mask: bool = True):
         config = default_config()
         config.update(depth=args.depth, batch_size=args.batch_size, p_last=p_last, survival_mode=mode,
-                      dtype=args.dtype, scan_blocks=args.scan_blocks, conv_grads=args.conv_grads)
+                      dtype=args.dtype, scan_blocks=args.scan_blocks, conv_grads=args.conv_grads,
+                      partial_last_batch=batch_mask)
+        resolve_convention(config)
         self.steps = args.steps
         mesh = parallel.make_mesh()
         self.train = parallel.replicate(random_train_data(args.batch_size * args.steps), mesh)
         setup = training.Setup(model=training.build_model(config, 10), tx=training.make_optimizer(config, args.steps),
-                               steps_per_epoch=args.steps, total_steps=args.steps, translate=4, flip=True, mesh=mesh)
+                               num_train=args.batch_size * args.steps, steps_per_epoch=args.steps,
+                               total_steps=args.steps, translate=4, flip=True, mesh=mesh)
         self.keys = parallel.replicate(training.run_keys(0), mesh)
         self.state = parallel.replicate(training.create_train_state(self.keys["init"], setup, (32, 32, 3)), mesh)
         self.perm = jnp.arange(args.batch_size * args.steps)
@@ -144,6 +147,9 @@ def parse_args(argv=None):
     parser.add_argument("--compiler-options", default="project", choices=("project", "none", "both"),
                         help="compile with the project's XLA options (sd_jax/compiler.py), without, or "
                              "both, timed alternately (rows 'jax' and 'jax-no-options')")
+    parser.add_argument("--batch-mask", default="on", choices=("on", "off", "both"),
+                        help="steps with the per-example mask that training the last partial batch needs "
+                             "(partial_last_batch, the default), without, or both (rows 'jax' and 'jax-no-mask')")
     parser.add_argument("--configs", default="constant,stochastic,floor",
                         help="comma-separated subset of " + ",".join(c[0] for c in CONFIGURATIONS))
     parser.add_argument("--peer", choices=("torch",), help="also time the PyTorch eager peer")
@@ -163,8 +169,10 @@ def main(argv=None):
     runners = []
     for name, p_last, mode in CONFIGURATIONS:
         if name in wanted:
-            if args.compiler_options in ("project", "both"):
+            if args.compiler_options in ("project", "both") and args.batch_mask in ("on", "both"):
                 runners.append(("jax", name, p_last, mode, JaxStep(args, p_last, mode)))
+            if args.batch_mask in ("off", "both"):
+                runners.append(("jax-no-mask", name, p_last, mode, JaxStep(args, p_last, mode, batch_mask=False)))
             if args.compiler_options in ("none", "both"):
                 with compiler.without_options():
                     runners.append(("jax-no-options", name, p_last, mode, JaxStep(args, p_last, mode)))
@@ -189,7 +197,7 @@ def main(argv=None):
                "machine": platform.node(), "cpu_count": os.cpu_count(),
                "date": datetime.date.today().isoformat(), "scan_blocks": args.scan_blocks,
                "conv_grads": args.conv_grads, "compiler_options": compiler.compiler_options(),
-               "compiler_options_mode": args.compiler_options,
+               "compiler_options_mode": args.compiler_options, "batch_mask": args.batch_mask,
                "peer_channels_last": args.peer_channels_last, "steps": args.steps, "rounds": args.rounds}
     for framework in ("jax", args.peer):
         const, sd = results.get((framework, "constant")), results.get((framework, "stochastic"))
@@ -200,6 +208,9 @@ def main(argv=None):
         if ("jax", name) in results and ("jax-no-options", name) in results:
             summary[f"options_speedup_{name}"] = (results[("jax-no-options", name)]["step_s_median"]
                                                   / results[("jax", name)]["step_s_median"])
+        if ("jax", name) in results and ("jax-no-mask", name) in results:
+            summary[f"mask_cost_{name}"] = (results[("jax", name)]["step_s_median"]
+                                            / results[("jax-no-mask", name)]["step_s_median"])
     if ("jax", "stochastic") in results:
         summary["expected_ratio"] = expected_step_ratio(args.depth, 0.5, "linear")
     if ("jax", "floor") in results and ("jax", "constant") in results:

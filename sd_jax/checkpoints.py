@@ -1,9 +1,10 @@
-"""Checkpoints with orbax: the last two epochs plus the best validation epoch, written asynchronously.
+"""Checkpoints with orbax: the last two evaluations plus the best one, written asynchronously.
 
-Layout in the workdir: `checkpoints/latest/<epoch>/` (two kept) and `checkpoints/best/<epoch>/` (one
-kept). Each holds the train state (params, batch stats, optimizer state, step) and a small JSON with
-the epoch and its validation error. RNG state needs no saving: every key derives from the seed and
-the step or epoch, so restoring the step restores the randomness.
+Layout in the workdir: `checkpoints/latest/<step>/` (two kept) and `checkpoints/best/<step>/` (one
+kept), numbered by global training step. Each holds the train state (params, batch stats, optimizer
+state, step) and a small JSON with the epoch, step and validation error of its metrics line. RNG
+state needs no saving: every key derives from the seed and the step or epoch, so restoring the step
+restores the randomness.
 """
 import logging
 import os
@@ -39,13 +40,13 @@ class Checkpoints:
             BEST: ocp.CheckpointManager(os.path.join(root, BEST), options=ocp.CheckpointManagerOptions(max_to_keep=1)),
         }
 
-    def save(self, which: str, epoch: int, state, val_error: float) -> None:
-        """Start writing a checkpoint in the background (training does not wait for it)."""
-        self.managers[which].save(epoch, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(_state_tree(state)),
-            meta=ocp.args.JsonSave({"epoch": epoch, "val_error": val_error})))
+    def save(self, which: str, state, line: dict) -> None:
+        """Start writing a checkpoint of `state`, evaluated as metrics `line`, in the background."""
+        meta = {key: line[key] for key in ("epoch", "step", "val_error")}
+        self.managers[which].save(line["step"], args=ocp.args.Composite(
+            state=ocp.args.StandardSave(_state_tree(state)), meta=ocp.args.JsonSave(meta)))
 
-    def epochs(self, which: str = LATEST):
+    def steps(self, which: str = LATEST):
         return sorted(self.managers[which].all_steps())
 
     def restore(self, state, which: str = LATEST):
@@ -56,18 +57,18 @@ class Checkpoints:
         """
         manager = self.managers[which]
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_tree(state))
-        for epoch in reversed(self.epochs(which)):
+        for step in reversed(self.steps(which)):
             try:
-                restored = manager.restore(epoch, args=ocp.args.Composite(
+                restored = manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
             except Exception as e:  # orbax/tensorstore raise many types for unreadable files
                 log.warning("checkpoint %s/%d is unreadable (%s: %s); trying the one before it",
-                                which, epoch, type(e).__name__, str(e).splitlines()[0][:200])
+                            which, step, type(e).__name__, str(e).splitlines()[0][:200])
                 continue
             tree = restored["state"]
             return state.replace(**tree), restored["meta"]
-        if self.epochs(which):
-            raise CheckpointError(f"none of the {which} checkpoints {self.epochs(which)} could be read; "
+        if self.steps(which):
+            raise CheckpointError(f"none of the {which} checkpoints {self.steps(which)} could be read; "
                                   "start over with --restart or remove the checkpoints directory")
         return None
 

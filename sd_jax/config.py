@@ -1,13 +1,31 @@
 """The experiment configuration: defaults (the paper's CIFAR recipe) and validation."""
 import ml_collections
 
-from sd_jax.conv import CONV_GRADS
-from sd_jax.models import blocks_per_stage
+from sd_jax.conv import CONV_GRADS, INIT_FANS
+from sd_jax.data import NORMALIZATIONS
+from sd_jax.models import BN_SCALE_INITS, CLASSIFIER_INITS, SHORTCUT_DOWNSAMPLES, blocks_per_stage
 from sd_jax.schedules import SURVIVAL_MODES
 from sd_jax.stochastic_depth import DROP_MODES
 
 DTYPES = ("float32", "bfloat16")
 DROP_GATES = ("shared", "per_device")
+
+
+# Where the paper is silent, whose conventions to follow (README, "Fidelity"). "authors": the
+# authors' Torch code as of the paper (yueatsprograms/Stochastic_Depth, commits up to 86b5cdd);
+# "pytorch": what PyTorch CIFAR-ResNet reimplementations usually do (torchvision init, per-channel
+# transforms.Normalize, a DataLoader that keeps the last partial batch).
+CONVENTIONS = {
+    "authors": {"bn_scale_init": "uniform", "conv_init_fan": "fan_in", "classifier_init": "torch",
+                "shortcut_downsample": "subsample", "normalization": "pixel_mean_scalar_std",
+                "partial_last_batch": True},
+    "pytorch": {"bn_scale_init": "ones", "conv_init_fan": "fan_out", "classifier_init": "torch",
+                "shortcut_downsample": "subsample", "normalization": "channel_mean_std",
+                "partial_last_batch": True},
+}
+CONVENTION_CHOICES = {"bn_scale_init": BN_SCALE_INITS, "conv_init_fan": INIT_FANS,
+                      "classifier_init": CLASSIFIER_INITS, "shortcut_downsample": SHORTCUT_DOWNSAMPLES,
+                      "normalization": NORMALIZATIONS, "partial_last_batch": (True, False)}
 
 
 class ConfigError(ValueError):
@@ -27,10 +45,17 @@ def default_config() -> ml_collections.ConfigDict:
     c.drop_mode = "block"  # "block" (the paper, skips compute) or "sample" (drop path)
     c.drop_gates = "shared"  # several devices: all skip the same blocks ("shared") or draw their own
     c.drop_warmup = 0.0  # fraction of training over which the drop rate ramps up from 0
+    c.convention = "authors"  # "authors" (their Torch code) or "pytorch": the defaults of the six keys below
+    c.bn_scale_init = ml_collections.FieldReference(None, field_type=str)  # "uniform" in [0, 1) or "ones"
+    c.conv_init_fan = ml_collections.FieldReference(None, field_type=str)  # He init over "fan_in" or "fan_out"
+    c.classifier_init = ml_collections.FieldReference(None, field_type=str)  # "torch" (+-1/sqrt(fan_in)) or "lecun"
+    c.shortcut_downsample = ml_collections.FieldReference(None, field_type=str)  # "subsample" or "average"
+    c.normalization = ml_collections.FieldReference(None, field_type=str)  # see sd_jax.data.NORMALIZATIONS
+    c.partial_last_batch = ml_collections.FieldReference(None, field_type=bool)  # train the epoch's last, short batch
     c.num_epochs = 500
     c.batch_size = 128
     c.learning_rate = 0.1
-    c.lr_boundaries = (250, 375)  # epochs at which the learning rate is multiplied by lr_decay
+    c.lr_boundaries = (250, 375)  # 1-based epochs at whose start the learning rate is multiplied by lr_decay
     c.lr_decay = 0.1
     c.lr_warmup_epochs = 0  # epochs at lr_warmup_value before learning_rate (He et al. for ResNet-1202)
     c.lr_warmup_value = 0.01
@@ -45,8 +70,18 @@ def default_config() -> ml_collections.ConfigDict:
     c.augment_flip = ml_collections.FieldReference(None, field_type=bool)  # None -> dataset default
     c.steps_per_call = 50  # training steps per jitted call
     c.eval_batch_size = 1000
+    c.eval_every_steps = 0  # 0: evaluate after every epoch; N: every N training steps (the authors' SVHN: 200)
     c.checkpoint_every_epochs = 1
     return c
+
+
+def resolve_convention(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Set every convention key left at None from `config.convention`, in place (idempotent), so
+    config.json records what ran; returns `config`."""
+    for key, value in CONVENTIONS[config.convention].items():
+        if config[key] is None:
+            config[key] = value
+    return config
 
 
 def _require(ok: bool, message: str):
@@ -73,18 +108,25 @@ def validate(config: ml_collections.ConfigDict, known_datasets, num_devices: int
     _require(config.drop_mode in DROP_MODES, f"drop_mode={config.drop_mode!r} must be one of {DROP_MODES}")
     _require(config.drop_gates in DROP_GATES, f"drop_gates={config.drop_gates!r} must be one of {DROP_GATES}")
     _require(0.0 <= config.drop_warmup < 1.0, f"drop_warmup={config.drop_warmup} must lie in [0, 1)")
+    _require(config.convention in CONVENTIONS,
+             f"convention={config.convention!r} must be one of {tuple(CONVENTIONS)} (README, Fidelity)")
+    for key, choices in CONVENTION_CHOICES.items():
+        _require(config[key] is None or config[key] in choices,
+                 f"{key}={config[key]!r} must be one of {choices} (or None: the {config.convention!r} convention's)")
     _require(isinstance(config.num_epochs, int) and config.num_epochs >= 1,
              f"num_epochs={config.num_epochs} must be a positive integer")
     _require(config.batch_size >= 1, f"batch_size={config.batch_size} must be a positive integer")
     _require(config.learning_rate > 0, f"learning_rate={config.learning_rate} must be positive")
     bounds = list(config.lr_boundaries)
-    _require(all(isinstance(b, int) and b > 0 for b in bounds) and bounds == sorted(set(bounds)),
-             f"lr_boundaries={tuple(bounds)} must be strictly increasing positive epochs, e.g. (250, 375)")
+    _require(all(isinstance(b, int) and b > 1 for b in bounds) and bounds == sorted(set(bounds)),
+             f"lr_boundaries={tuple(bounds)} must be strictly increasing epochs >= 2 (1-based: the learning rate "
+             "drops at the start of each), e.g. (250, 375)")
     _require(config.lr_warmup_epochs >= 0 and config.lr_warmup_value > 0,
              f"lr_warmup_epochs={config.lr_warmup_epochs} must be >= 0 and lr_warmup_value="
              f"{config.lr_warmup_value} > 0")
-    _require(not bounds or config.lr_warmup_epochs < bounds[0],
-             f"lr_warmup_epochs={config.lr_warmup_epochs} must end before the first lr boundary {bounds[:1]}")
+    _require(not bounds or config.lr_warmup_epochs < bounds[0] - 1,
+             f"lr_warmup_epochs={config.lr_warmup_epochs} must end before the first lr drop, at the start of "
+             f"epoch {bounds[0]}")
     _require(0.0 < config.lr_decay <= 1.0, f"lr_decay={config.lr_decay} must lie in (0, 1]")
     _require(0.0 <= config.momentum < 1.0, f"momentum={config.momentum} must lie in [0, 1)")
     _require(config.weight_decay >= 0, f"weight_decay={config.weight_decay} must be >= 0")
@@ -96,6 +138,8 @@ def validate(config: ml_collections.ConfigDict, known_datasets, num_devices: int
     _require(config.checkpoint_every_epochs >= 1,
              f"checkpoint_every_epochs={config.checkpoint_every_epochs} must be >= 1")
     _require(config.eval_batch_size >= 1, f"eval_batch_size={config.eval_batch_size} must be >= 1")
+    _require(isinstance(config.eval_every_steps, int) and config.eval_every_steps >= 0,
+             f"eval_every_steps={config.eval_every_steps} must be 0 (after every epoch) or a positive step count")
     for key in ("batch_size", "eval_batch_size"):
         _require(config[key] % num_devices == 0,
                  f"{key}={config[key]} is not divisible by the {num_devices} devices: every device takes an "

@@ -16,6 +16,7 @@ from jax import lax
 _NHWC = ("NHWC", "HWIO", "NHWC")
 _PAD = ((1, 1), (1, 1))
 CONV_GRADS = ("auto", "explicit", "xla")
+INIT_FANS = ("fan_in", "fan_out")
 
 
 def _conv(x, kernel, stride):
@@ -74,18 +75,25 @@ def resolve_conv_grads(conv_grads: str) -> str:
 
 
 class Conv3x3(nn.Module):
-    """Bias-free 3x3 conv, padding 1, He-normal init (fan_out, as the paper's Torch code)."""
+    """Bias-free 3x3 conv, padding 1, He-normal init: std sqrt(2 / fan).
+
+    `init_fan="fan_in"` is the authors' Torch code (`nninit.kaiming, {gain='relu'}`, whose fan is
+    nInputPlane * kH * kW); "fan_out" is torchvision's and fb.resnet.torch's. The authors' convs
+    also carry a bias initialised to 0; every conv feeds a BatchNorm, which removes it, so it is
+    left out.
+    """
 
     features: int
     stride: int = 1
     dtype: jnp.dtype = jnp.float32
     conv_grads: str = "auto"
+    init_fan: str = "fan_in"
 
     @nn.compact
     def __call__(self, x):
         kernel = self.param(
             "kernel",
-            nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+            nn.initializers.variance_scaling(2.0, self.init_fan, "normal"),
             (3, 3, x.shape[-1], self.features),
             jnp.float32,
         )

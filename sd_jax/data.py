@@ -43,17 +43,37 @@ class Dataset:
     translate: int  # default augmentation: random translation by up to this many pixels
     flip: bool  # default augmentation: random horizontal flips
 
-    @property
-    def mean(self) -> np.ndarray:
-        """Per-channel mean of the training split, in [0, 1] pixel units."""
-        return (self.train.images.reshape(-1, self.train.images.shape[-1]).mean(0, dtype=np.float64)
-                / 255.0).astype(np.float32)
+    def normalization(self, how: str):
+        """(mean, std) of the training split in [0, 1] pixel units; see `normalization_stats`."""
+        return normalization_stats(self.train.images, how)
 
-    @property
-    def std(self) -> np.ndarray:
-        """Per-channel standard deviation of the training split, in [0, 1] pixel units."""
-        return (self.train.images.reshape(-1, self.train.images.shape[-1]).std(0, dtype=np.float64)
-                / 255.0).astype(np.float32)
+
+NORMALIZATIONS = ("pixel_mean_scalar_std", "channel_mean_std")
+
+
+def normalization_stats(images_u8: np.ndarray, how: str):
+    """Input statistics of uint8 NHWC training images, in [0, 1] pixel units, float32.
+
+    "pixel_mean_scalar_std": the mean *image* (H, W, C) and one standard deviation over every value
+    of the split (unbiased, as Torch's `std()`): the authors' `CIFAR:preprocess` / `SVHN:preprocess`
+    (`data:mean(1)`, `data:std()`, both taken before the mean is subtracted).
+    "channel_mean_std": per-channel mean and standard deviation (C,), the usual PyTorch transform.
+    """
+    if how == "channel_mean_std":
+        flat = images_u8.reshape(-1, images_u8.shape[-1])
+        return ((flat.mean(0, dtype=np.float64) / 255.0).astype(np.float32),
+                (flat.std(0, dtype=np.float64) / 255.0).astype(np.float32))
+    if how != "pixel_mean_scalar_std":
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {how!r}")
+    total = total_sq = 0
+    for start in range(0, len(images_u8), 4096):  # exact integer sums, a chunk at a time
+        chunk = images_u8[start:start + 4096].astype(np.int64)
+        total += int(chunk.sum())
+        total_sq += int((chunk * chunk).sum())
+    count = images_u8.size
+    variance = (total_sq - total * total / count) / (count - 1)
+    return ((images_u8.mean(0, dtype=np.float64) / 255.0).astype(np.float32),
+            np.float32(np.sqrt(variance) / 255.0))
 
 
 def split_by_permutation(images, labels, sizes, seed):

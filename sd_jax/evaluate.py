@@ -10,7 +10,7 @@ import sys
 import ml_collections
 
 from sd_jax import checkpoints, records, training
-from sd_jax.config import default_config
+from sd_jax.config import default_config, resolve_convention
 from sd_jax.data_files import DataError
 
 
@@ -19,7 +19,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     stored = records.read_json(workdir, records.CONFIG_FILE)
     stored["lr_boundaries"] = tuple(stored["lr_boundaries"])
     config.update(stored)
-    return config
+    return resolve_convention(config)
 
 
 def evaluate(workdir: str, which: str = checkpoints.LATEST) -> dict:

@@ -100,7 +100,8 @@ def load_torch_checkpoint(path: str):
 
 def main(argv=None):
     from sd_jax import data, parallel, training
-    from sd_jax.config import default_config
+    from sd_jax.config import default_config, resolve_convention
+    from sd_jax.models import SHORTCUT_DOWNSAMPLES
 
     parser = argparse.ArgumentParser(description="Evaluate a PyTorch CIFAR-ResNet checkpoint with sd_jax.")
     parser.add_argument("--checkpoint", required=True, help=".pth/.pt file holding a state_dict")
@@ -110,16 +111,25 @@ def main(argv=None):
     parser.add_argument("--data-source", default="tfds", choices=("tfds", "files"))
     parser.add_argument("--p-last", type=float, default=1.0, help="survival probability used at training time")
     parser.add_argument("--survival-mode", default="linear", choices=("linear", "uniform"))
+    parser.add_argument("--normalization", default="channel_mean_std", choices=data.NORMALIZATIONS,
+                        help="the input normalisation the PyTorch run trained with (default: per channel, "
+                             "as transforms.Normalize)")
+    parser.add_argument("--shortcut-downsample", default="subsample", choices=SHORTCUT_DOWNSAMPLES,
+                        help="option-A shortcut: stride-2 subsampling or a 2x2 average")
     args = parser.parse_args(argv)
     dataset = data.load_dataset(args.dataset, args.data_dir, args.data_source)
     config = default_config()
-    config.update(depth=args.depth, p_last=args.p_last, survival_mode=args.survival_mode, dataset=args.dataset)
+    config.update(depth=args.depth, p_last=args.p_last, survival_mode=args.survival_mode, dataset=args.dataset,
+                  convention="pytorch", normalization=args.normalization,
+                  shortcut_downsample=args.shortcut_downsample)
+    resolve_convention(config)
     variables = from_torch_state_dict(load_torch_checkpoint(args.checkpoint), args.depth, dataset.num_classes,
-                                      p_last=args.p_last, mode=args.survival_mode)
+                                      p_last=args.p_last, mode=args.survival_mode,
+                                      shortcut_downsample=args.shortcut_downsample)
     model = training.build_model(config, dataset.num_classes)
     mesh = parallel.make_mesh()
     count_errors = training.make_count_errors(config, model, mesh)
-    mean, std = jnp.asarray(dataset.mean), jnp.asarray(dataset.std)
+    mean, std = (jnp.asarray(a) for a in dataset.normalization(config.normalization))
     result = {"checkpoint": args.checkpoint, "depth": args.depth, "dataset": args.dataset}
     for name, split in (("val", dataset.val), ("test", dataset.test)):
         errors = count_errors(variables, training.device_eval_split(split, config.eval_batch_size, mesh), mean, std)

@@ -7,11 +7,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sd_jax.batch_norm import BatchNorm
 from sd_jax.conv import Conv3x3
 from sd_jax.schedules import survival_probabilities
 from sd_jax.stochastic_depth import StochasticDepth
 
 STAGE_FEATURES = (16, 32, 64)
+BN_SCALE_INITS = ("uniform", "ones")
+CLASSIFIER_INITS = ("torch", "lecun")
+SHORTCUT_DOWNSAMPLES = ("subsample", "average")
 
 
 def blocks_per_stage(depth: int) -> int:
@@ -21,19 +25,50 @@ def blocks_per_stage(depth: int) -> int:
     return (depth - 2) // 6
 
 
-def option_a_shortcut(x, features: int, stride: int):
-    """He et al.'s option A: stride-2 subsampling, then zero channels appended after the identity."""
-    if stride != 1:
+def option_a_shortcut(x, features: int, stride: int, downsample: str = "subsample"):
+    """He et al.'s option A: downsample, then zero channels appended after the identity.
+
+    "subsample" keeps every stride-th pixel: the authors' code as of the paper
+    (`SpatialAveragePooling(1, 1, stride, stride)`); "average" takes the mean of each stride x stride
+    window, as their repository has since commit 8389752 (2017-02-11).
+    """
+    if stride != 1 and downsample == "average":
+        x = nn.avg_pool(x, (stride, stride), strides=(stride, stride))
+    elif stride != 1:
         x = x[:, ::stride, ::stride, :]
     extra = features - x.shape[-1]
     return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra))) if extra else x
 
 
-def batch_norm(train: bool, dtype, name: str, axis_name=None):
-    """BatchNorm as in Torch7/PyTorch: momentum 0.1 (Flax 0.9), epsilon 1e-5; statistics averaged
-    over the devices of `axis_name` when given (synchronised BatchNorm)."""
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
-                        axis_name=axis_name if train else None, name=name)
+def bn_scale_initializer(name: str):
+    """"uniform" in [0, 1): Torch7's BatchNormalization:reset(), which the authors' code left in
+    place (their README explains why); "ones": PyTorch and Flax."""
+    if name not in BN_SCALE_INITS:
+        raise ValueError(f"bn_scale_init must be one of {BN_SCALE_INITS}, got {name!r}")
+    return nn.initializers.uniform(1.0) if name == "uniform" else nn.initializers.ones
+
+
+def batch_norm(train: bool, dtype, name: str, axis_name=None, scale_init: str = "uniform"):
+    """BatchNorm as in Torch7/PyTorch: momentum 0.1, epsilon 1e-5; statistics averaged over the
+    devices of `axis_name` when given (synchronised BatchNorm)."""
+    return BatchNorm(use_running_average=not train, dtype=dtype, axis_name=axis_name if train else None,
+                     scale_init=bn_scale_initializer(scale_init), name=name)
+
+
+def torch_uniform(fan_in: int):
+    """Torch7's and PyTorch's default nn.Linear init, for weights and bias: uniform in +-1/sqrt(fan_in)."""
+    bound = 1.0 / np.sqrt(fan_in)
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def classifier(num_classes: int, fan_in: int, init: str):
+    """The final Dense layer: "torch" (the authors' nn.Linear) or "lecun" (Flax's default: LeCun
+    normal weights, zero bias)."""
+    if init not in CLASSIFIER_INITS:
+        raise ValueError(f"classifier_init must be one of {CLASSIFIER_INITS}, got {init!r}")
+    if init == "lecun":
+        return nn.Dense(num_classes, name="linear")
+    return nn.Dense(num_classes, kernel_init=torch_uniform(fan_in), bias_init=torch_uniform(fan_in), name="linear")
 
 
 class BasicBranch(nn.Module):
@@ -44,14 +79,19 @@ class BasicBranch(nn.Module):
     dtype: Any = jnp.float32
     conv_grads: str = "auto"
     bn_axis_name: Optional[str] = None
+    bn_scale_init: str = "uniform"
+    conv_init_fan: str = "fan_in"
 
     @nn.compact
-    def __call__(self, x, train: bool):
-        conv = functools.partial(Conv3x3, self.features, dtype=self.dtype, conv_grads=self.conv_grads)
+    def __call__(self, x, train: bool, mask=None):
+        conv = functools.partial(Conv3x3, self.features, dtype=self.dtype, conv_grads=self.conv_grads,
+                                 init_fan=self.conv_init_fan)
+        bn = functools.partial(batch_norm, train, self.dtype, axis_name=self.bn_axis_name,
+                               scale_init=self.bn_scale_init)
         y = conv(stride=self.stride, name="conv1")(x)
-        y = nn.relu(batch_norm(train, self.dtype, "bn1", self.bn_axis_name)(y))
+        y = nn.relu(bn(name="bn1")(y, mask))
         y = conv(name="conv2")(y)
-        return batch_norm(train, self.dtype, "bn2", self.bn_axis_name)(y)
+        return bn(name="bn2")(y, mask)
 
 
 # Under nn.jit each branch enters the traced step as one nested call, which halves the time JAX
@@ -64,8 +104,8 @@ class ScannedStochasticDepth(StochasticDepth):
 
     train: bool = False
 
-    def __call__(self, x, survival_prob, drop_scale):
-        return super().__call__(x, survival_prob, train=self.train, drop_scale=drop_scale), None
+    def __call__(self, x, survival_prob, drop_scale, mask):
+        return super().__call__(x, survival_prob, train=self.train, drop_scale=drop_scale, mask=mask), None
 
 
 class Stage(nn.Module):
@@ -84,23 +124,28 @@ class Stage(nn.Module):
     conv_grads: str = "auto"
     scan_blocks: bool = False
     bn_axis_name: Optional[str] = None
+    bn_scale_init: str = "uniform"
+    conv_init_fan: str = "fan_in"
+    shortcut_downsample: str = "subsample"
 
     def _branch(self, stride):
-        return JittedBranch(self.features, stride, self.dtype, self.conv_grads, self.bn_axis_name, parent=None)
+        return JittedBranch(self.features, stride, self.dtype, self.conv_grads, self.bn_axis_name,
+                            self.bn_scale_init, self.conv_init_fan, parent=None)
 
     def _shortcut(self, stride):
-        return functools.partial(option_a_shortcut, features=self.features, stride=stride)
+        return functools.partial(option_a_shortcut, features=self.features, stride=stride,
+                                 downsample=self.shortcut_downsample)
 
     @nn.compact
-    def __call__(self, x, drop_scale):
+    def __call__(self, x, drop_scale, mask=None):
         first = StochasticDepth(self._branch(self.stride), self._shortcut(self.stride), self.drop_mode,
                                 name="block0")
-        x = first(x, self.survival_probs[0], train=self.train, drop_scale=drop_scale)
+        x = first(x, self.survival_probs[0], train=self.train, drop_scale=drop_scale, mask=mask)
         rest = self.survival_probs[1:]
         if not self.scan_blocks:
             for i, p in enumerate(rest, start=1):
                 block = StochasticDepth(self._branch(1), self._shortcut(1), self.drop_mode, name=f"block{i}")
-                x = block(x, p, train=self.train, drop_scale=drop_scale)
+                x = block(x, p, train=self.train, drop_scale=drop_scale, mask=mask)
             return x
         if not rest:
             return x
@@ -108,10 +153,10 @@ class Stage(nn.Module):
             ScannedStochasticDepth,
             variable_axes={"params": 0, "batch_stats": 0, "gates": 0},
             split_rngs={"params": True, "drop": True},
-            in_axes=(0, nn.broadcast),
+            in_axes=(0, nn.broadcast, nn.broadcast),
             length=len(rest),
         )(self._branch(1), self._shortcut(1), self.drop_mode, train=self.train, name="blocks")
-        x, _ = blocks(x, jnp.asarray(rest, jnp.float32), drop_scale)
+        x, _ = blocks(x, jnp.asarray(rest, jnp.float32), drop_scale, mask)
         return x
 
 
@@ -123,6 +168,9 @@ class ResNetCIFAR(nn.Module):
     `dtype` is the compute dtype; parameters stay float32. `apply(variables, x, train=...)` takes
     NHWC float images; training needs a "drop" RNG and mutable "batch_stats" (and "gates" to read
     which blocks ran). `bn_axis_name` synchronises BatchNorm statistics over that mapped axis.
+    `mask` (N,) marks the real images of a padded training batch for the BatchNorm statistics.
+    The defaults of `bn_scale_init`, `conv_init_fan`, `classifier_init` and `shortcut_downsample`
+    follow the authors' Torch code as of the paper (README, "Fidelity").
     """
 
     depth: int
@@ -134,6 +182,10 @@ class ResNetCIFAR(nn.Module):
     scan_blocks: bool = False
     conv_grads: str = "auto"
     bn_axis_name: Optional[str] = None
+    bn_scale_init: str = "uniform"
+    conv_init_fan: str = "fan_in"
+    classifier_init: str = "torch"
+    shortcut_downsample: str = "subsample"
 
     @property
     def num_blocks(self) -> int:
@@ -143,18 +195,23 @@ class ResNetCIFAR(nn.Module):
         return survival_probabilities(self.num_blocks, self.p_last, self.mode)
 
     @nn.compact
-    def __call__(self, x, train: bool = False, drop_scale: Any = 1.0):
+    def __call__(self, x, train: bool = False, drop_scale: Any = 1.0, mask=None):
+        if self.shortcut_downsample not in SHORTCUT_DOWNSAMPLES:
+            raise ValueError(f"shortcut_downsample must be one of {SHORTCUT_DOWNSAMPLES}, "
+                             f"got {self.shortcut_downsample!r}")
         n = blocks_per_stage(self.depth)
         probs = [float(p) for p in self.survival_probabilities()]
-        x = Conv3x3(STAGE_FEATURES[0], dtype=self.dtype, conv_grads=self.conv_grads, name="conv1")(x)
-        x = nn.relu(batch_norm(train, self.dtype, "bn1", self.bn_axis_name)(x))
+        x = Conv3x3(STAGE_FEATURES[0], dtype=self.dtype, conv_grads=self.conv_grads, init_fan=self.conv_init_fan,
+                    name="conv1")(x)
+        x = nn.relu(batch_norm(train, self.dtype, "bn1", self.bn_axis_name, self.bn_scale_init)(x, mask))
         for s, features in enumerate(STAGE_FEATURES):
             x = Stage(
                 features, 1 if s == 0 else 2, tuple(probs[s * n:(s + 1) * n]), train, self.drop_mode,
-                self.dtype, self.conv_grads, self.scan_blocks, self.bn_axis_name, name=f"stage{s + 1}",
-            )(x, drop_scale)
+                self.dtype, self.conv_grads, self.scan_blocks, self.bn_axis_name, self.bn_scale_init,
+                self.conv_init_fan, self.shortcut_downsample, name=f"stage{s + 1}",
+            )(x, drop_scale, mask)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        return nn.Dense(self.num_classes, name="linear")(x)
+        return classifier(self.num_classes, STAGE_FEATURES[-1], self.classifier_init)(x)
 
 
 def count_params(params) -> int:

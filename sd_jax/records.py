@@ -1,4 +1,4 @@
-"""A run's files in its workdir: config.json, metrics.jsonl (one line per epoch), summary.json."""
+"""A run's files in its workdir: config.json, metrics.jsonl (one line per evaluation), summary.json."""
 import json
 import os
 import shutil
@@ -40,12 +40,19 @@ def read_json(workdir: str, name: str):
         return json.load(f)
 
 
+def best_line(history: list) -> dict:
+    """The evaluation the paper reports: lowest validation error. Ties (common with a small
+    validation set) go to the later one, the more trained model. The one rule: the summary and the
+    best checkpoint both use it."""
+    return min(reversed(history), key=lambda line: line["val_error"])
+
+
 def summarize(history: list) -> dict:
-    """The paper's reported number: test error at the epoch of lowest validation error. Ties (common
-    with a small validation set) go to the later epoch, the more trained model."""
-    best = min(history, key=lambda line: (line["val_error"], -line["epoch"]))
+    """The paper's reported number: test error at the evaluation of lowest validation error."""
+    best = best_line(history)
     return {
         "best_val_epoch": best["epoch"],
+        "best_val_step": best["step"],
         "best_val_error": best["val_error"],
         "test_error_at_best_val": best["test_error"],
         "final_test_error": history[-1]["test_error"],
@@ -99,11 +106,12 @@ class RunDir:
                                "use another --workdir, or pass --restart to start over")
         write_json_atomic(self.path(CONFIG_FILE), new)
 
-    def truncate_metrics(self, last_epoch: int) -> list:
-        """Keep the metrics of epochs 1..last_epoch (those the resumed checkpoint has seen) and return them."""
+    def truncate_metrics(self, last_step: int) -> list:
+        """Keep the metrics lines up to global step `last_step` (those the resumed checkpoint has
+        seen) and return them."""
         if not os.path.exists(self.path(METRICS_FILE)):
             return []
-        history = [line for line in read_metrics(self.workdir) if line["epoch"] <= last_epoch]
+        history = [line for line in read_metrics(self.workdir) if line["step"] <= last_step]
         if not self.primary:
             return history
         write_atomic(self.path(METRICS_FILE),
@@ -111,7 +119,7 @@ class RunDir:
         return history
 
     def append_metrics(self, line: dict) -> None:
-        """Append one epoch's line and flush it to disk, so an interrupted run keeps every finished epoch."""
+        """Append one line and flush it to disk, so an interrupted run keeps every finished evaluation."""
         if not self.primary:
             return
         with open(self.path(METRICS_FILE), "a") as f:

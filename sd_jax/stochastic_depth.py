@@ -27,7 +27,9 @@ class StochasticDepth(nn.Module):
         skip compute. Evaluation: activation(shortcut(x) + f(x)).
     `drop_scale` in [0, 1] scales the drop rate during training (1 - p) for drop-rate warm-up;
     evaluation always uses the target p. Training records the fraction of the batch for which the
-    branch ran in the "gates" collection (make it mutable to read it).
+    branch ran in the "gates" collection (make it mutable to read it). `mask` (N,), when given, is
+    passed on as `branch(x, train=..., mask=mask)`: the real examples of a padded batch, for the
+    branch's BatchNorm statistics.
     """
 
     branch: nn.Module
@@ -44,26 +46,30 @@ class StochasticDepth(nn.Module):
         out = shortcut + residual.astype(shortcut.dtype)
         return out if self.activation is None else self.activation(out)
 
-    def __call__(self, x, survival_prob: Any, *, train: bool, drop_scale: Any = 1.0):
+    def _residual(self, x, train: bool, mask):
+        return self.f(x, train=train) if mask is None else self.f(x, train=train, mask=mask)
+
+    def __call__(self, x, survival_prob: Any, *, train: bool, drop_scale: Any = 1.0, mask=None):
         if not train:
             scale = survival_prob if self.mode == "block" else 1.0
             return self._combine(self.shortcut(x), scale * self.f(x, train=False))
         if self.is_initializing():
-            return self._combine(self.shortcut(x), self.f(x, train=True))
+            return self._combine(self.shortcut(x), self._residual(x, True, mask))
         p = scaled_survival(jnp.asarray(survival_prob, jnp.float32), drop_scale)
         key = self.make_rng("drop")
         if self.mode == "sample":
             keep = jax.random.bernoulli(key, p, (x.shape[0],) + (1,) * (x.ndim - 1))
             self.sow("gates", "active", keep.mean())
-            residual = self.f(x, train=True)
+            residual = self._residual(x, True, mask)
             scale = jnp.where(keep, 1.0 / jnp.maximum(p, 1e-12), 0.0).astype(residual.dtype)
             return self._combine(self.shortcut(x), residual * scale)
         gate = jax.random.bernoulli(key, p)
         self.sow("gates", "active", gate.astype(jnp.float32))
         return nn.cond(
             gate,
-            lambda module, x: module._combine(module.shortcut(x), module.f(x, train=True)),
-            lambda module, x: module.shortcut(x),
+            lambda module, x, mask: module._combine(module.shortcut(x), module._residual(x, True, mask)),
+            lambda module, x, mask: module.shortcut(x),
             self,
             x,
+            mask,
         )

@@ -18,7 +18,7 @@ from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sd_jax import augment, checkpoints, compiler, data, parallel, records
-from sd_jax.config import ConfigError, validate
+from sd_jax.config import ConfigError, resolve_convention, validate
 from sd_jax.models import ResNetCIFAR, active_blocks, count_params
 from sd_jax.schedules import drop_scale, expected_active_blocks
 
@@ -35,6 +35,7 @@ class Setup:
 
     model: ResNetCIFAR
     tx: optax.GradientTransformation
+    num_train: int
     steps_per_epoch: int
     total_steps: int
     translate: int
@@ -49,22 +50,31 @@ def synchronised_batch_norm(config) -> bool:
 
 
 def build_model(config, num_classes: int) -> ResNetCIFAR:
-    """The configured network. On one device BatchNorm gets no axis name: averaging over one device
-    is the identity, and with a collective inside every block's cond XLA:CPU spent 0.3 s/step on
-    copies and zero-filled buffers around the conds even with every block dropped (ResNet-110,
-    docs/performance.md)."""
+    """The configured network (`config` with its convention resolved). On one device BatchNorm gets
+    no axis name: averaging over one device is the identity, and with a collective inside every
+    block's cond XLA:CPU spent 0.3 s/step on copies and zero-filled buffers around the conds even
+    with every block dropped (ResNet-110, docs/performance.md)."""
     synchronised = synchronised_batch_norm(config) and jax.device_count() > 1
     return ResNetCIFAR(
         depth=config.depth, num_classes=num_classes, p_last=config.p_last, mode=config.survival_mode,
         drop_mode=config.drop_mode, dtype=jnp.dtype(config.dtype), scan_blocks=config.scan_blocks,
         conv_grads=config.conv_grads, bn_axis_name=parallel.AXIS if synchronised else None,
+        bn_scale_init=config.bn_scale_init, conv_init_fan=config.conv_init_fan,
+        classifier_init=config.classifier_init, shortcut_downsample=config.shortcut_downsample,
     )
+
+
+def steps_per_epoch(num_train: int, batch_size: int, partial_last_batch: bool) -> int:
+    """Batches per epoch: with `partial_last_batch` the last, short one is trained too (the authors'
+    `split(batchSize)`: 352 for 45k CIFAR images), else dropped (351)."""
+    return -(-num_train // batch_size) if partial_last_batch else num_train // batch_size
 
 
 def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
     """Piecewise-constant: learning_rate (after lr_warmup_epochs at lr_warmup_value), multiplied by
-    lr_decay at each boundary epoch."""
-    scales = {int(b) * steps_per_epoch: config.lr_decay for b in config.lr_boundaries}
+    lr_decay at the start of each 1-based boundary epoch, as the authors' main.lua (`0.1 while
+    epochCounter < 250`): the first step of epoch 250 already runs at 0.01."""
+    scales = {(int(b) - 1) * steps_per_epoch: config.lr_decay for b in config.lr_boundaries}
     if config.lr_warmup_epochs:
         scales[config.lr_warmup_epochs * steps_per_epoch] = config.learning_rate / config.lr_warmup_value
         return optax.piecewise_constant_schedule(config.lr_warmup_value, dict(sorted(scales.items())))
@@ -81,14 +91,17 @@ def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation
 
 
 def make_setup(config, dataset: data.Dataset, mesh: Mesh) -> Setup:
-    steps_per_epoch = len(dataset.train) // config.batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(f"batch_size={config.batch_size} exceeds the {len(dataset.train)} training images")
+    num_train = len(dataset.train)
+    if config.batch_size > num_train:
+        raise ConfigError(f"batch_size={config.batch_size} exceeds the {num_train} training images of "
+                          f"{dataset.name}; use a batch size of at most {num_train}")
+    epoch_steps = steps_per_epoch(num_train, config.batch_size, config.partial_last_batch)
     return Setup(
         model=build_model(config, dataset.num_classes),
-        tx=make_optimizer(config, steps_per_epoch),
-        steps_per_epoch=steps_per_epoch,
-        total_steps=steps_per_epoch * config.num_epochs,
+        tx=make_optimizer(config, epoch_steps),
+        num_train=num_train,
+        steps_per_epoch=epoch_steps,
+        total_steps=epoch_steps * config.num_epochs,
         translate=dataset.translate if config.augment_translate is None else config.augment_translate,
         flip=dataset.flip if config.augment_flip is None else config.augment_flip,
         mesh=mesh,
@@ -116,36 +129,45 @@ def device_drop_key(keys, step, config):
     return key
 
 
-def train_step(state: TrainState, images, labels, keys, setup: Setup, config):
+def train_step(state: TrainState, images, labels, mask, num_real, keys, setup: Setup, config):
     """One SGD step on this device's share of the batch, inside `shard_map` over the "data" axis.
 
-    Gradients are averaged over devices (BatchNorm statistics too, see `synchronised_batch_norm`);
-    returns the new state and the batch's metrics summed over devices.
+    `mask` (this device's examples; None when every example is real) leaves the padding of a short
+    last batch out of the loss and the BatchNorm statistics; `num_real` counts the real examples of
+    the global batch, so the gradient is the mean over them wherever they sit. Gradients are summed
+    over devices (BatchNorm statistics averaged, see `synchronised_batch_norm`); returns the new
+    state and the batch's metrics summed over devices.
     """
     step = state.step
     scale = drop_scale(step, setup.total_steps, config.drop_warmup)
     drop_key = device_drop_key(keys, step, config)
+    weights = jnp.ones(labels.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
 
     def loss_fn(params):
         logits, updates = state.apply_fn(
             {"params": params, "batch_stats": state.batch_stats}, images, train=True, drop_scale=scale,
-            rngs={"drop": drop_key}, mutable=["batch_stats", "gates"])
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-        return loss, (logits, updates)
+            mask=mask, rngs={"drop": drop_key}, mutable=["batch_stats", "gates"])
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        return jnp.sum(losses * weights) / num_real, (logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grads = jax.lax.pmean(grads, parallel.AXIS)
+    grads = jax.lax.psum(grads, parallel.AXIS)
     batch_stats = updates["batch_stats"]
     if not synchronised_batch_norm(config):
         batch_stats = jax.lax.pmean(batch_stats, parallel.AXIS)
     state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    wrong = (jnp.argmax(logits, -1) != labels).astype(jnp.float32)
     metrics = {
-        "loss": jax.lax.psum(loss * labels.shape[0], parallel.AXIS),
-        "errors": jax.lax.psum(jnp.sum(jnp.argmax(logits, -1) != labels).astype(jnp.float32), parallel.AXIS),
+        "loss": jax.lax.psum(loss * num_real, parallel.AXIS),
+        "errors": jax.lax.psum(jnp.sum(wrong * weights), parallel.AXIS),
+        "images": num_real,
         "active_blocks": jax.lax.pmean(active_blocks(updates["gates"]).astype(jnp.float32), parallel.AXIS),
         "steps": jnp.float32(1.0),
     }
     return state, metrics
+
+
+TRAIN_METRICS = ("loss", "errors", "images", "active_blocks", "steps")
 
 
 def make_train_steps(setup: Setup, config):
@@ -154,7 +176,8 @@ def make_train_steps(setup: Setup, config):
     Runs `count` consecutive steps of the epoch starting at its step `first` in one device loop;
     both are traced, so every chunk length shares one compilation. Each device takes its slice of
     every global batch (and of the batch's random augmentation draws) from the replicated dataset,
-    so the result does not depend on the number of devices.
+    so the result does not depend on the number of devices. Positions past the end of the
+    (padded) permutation are the padding of the epoch's last batch: masked out of the step.
     """
     batch = config.batch_size
     local = batch // setup.mesh.size
@@ -166,16 +189,20 @@ def make_train_steps(setup: Setup, config):
 
         def body(i, carry):
             state, sums = carry
-            indices = jax.lax.dynamic_slice(perm, ((first + i) * batch,), (batch,))
+            start = (first + i) * batch
+            indices = jax.lax.dynamic_slice(perm, (start,), (batch,))
+            real = start + jnp.arange(batch) < setup.num_train
             draws = augment.random_draws(jax.random.fold_in(keys["augment"], state.step), batch,
                                          setup.translate, setup.flip)
             images, labels = augment.training_batch(
                 train["images"], train["labels"], mine(indices), jax.tree.map(mine, draws), train["mean"],
                 train["std"], setup.translate, dtype)
-            state, metrics = train_step(state, images, labels, keys, setup, config)
+            mask = mine(real) if config.partial_last_batch else None
+            num_real = jnp.sum(real).astype(jnp.float32)
+            state, metrics = train_step(state, images, labels, mask, num_real, keys, setup, config)
             return state, jax.tree.map(jnp.add, sums, metrics)
 
-        zeros = {k: jnp.float32(0.0) for k in ("loss", "errors", "active_blocks", "steps")}
+        zeros = {k: jnp.float32(0.0) for k in TRAIN_METRICS}
         return jax.lax.fori_loop(0, count, body, (state, zeros))
 
     replicated = PartitionSpec()
@@ -184,8 +211,10 @@ def make_train_steps(setup: Setup, config):
     return compiler.jit(sharded, donate_argnums=0)
 
 
-def epoch_permutation(keys, epoch, num_train: int):
-    return jax.random.permutation(jax.random.fold_in(keys["shuffle"], epoch), num_train)
+def epoch_permutation(keys, epoch: int, setup: Setup, batch_size: int):
+    """The order of the training images in (1-based) `epoch`, padded with index 0 to whole batches."""
+    perm = jax.random.permutation(jax.random.fold_in(keys["shuffle"], epoch), setup.num_train)
+    return jnp.pad(perm, (0, max(0, setup.steps_per_epoch * batch_size - setup.num_train)))
 
 
 def device_eval_split(split: data.Split, batch_size: int, mesh: Mesh) -> dict:
@@ -249,7 +278,9 @@ class Run:
 
 
 def prepare_run(config: ml_collections.ConfigDict) -> Run:
-    """Load the data onto the device and build the model, optimiser and initial state."""
+    """Load the data onto the device and build the model, optimiser and initial state (the convention
+    keys of `config` left at None are set from its convention)."""
+    resolve_convention(config)
     dataset = data.load_dataset(config.dataset, config.data_dir, config.data_source)
     if config.num_classes is not None and config.num_classes != dataset.num_classes:
         raise ConfigError(f"num_classes={config.num_classes} but {dataset.name} has {dataset.num_classes} "
@@ -258,11 +289,120 @@ def prepare_run(config: ml_collections.ConfigDict) -> Run:
     setup = make_setup(config, dataset, mesh)
     keys = parallel.replicate(run_keys(config.seed), mesh)
     state = parallel.replicate(create_train_state(keys["init"], setup, dataset.train.images.shape[1:]), mesh)
+    mean, std = dataset.normalization(config.normalization)
     train = parallel.replicate({"images": dataset.train.images, "labels": dataset.train.labels,
-                                "mean": dataset.mean, "std": dataset.std}, mesh)
+                                "mean": mean, "std": std}, mesh)
     evals = {"val": device_eval_split(dataset.val, config.eval_batch_size, mesh),
              "test": device_eval_split(dataset.test, config.eval_batch_size, mesh)}
     return Run(config, dataset, setup, keys, state, train, evals)
+
+
+def evaluation_steps(total_steps: int, steps_per_epoch: int, eval_every_steps: int) -> list:
+    """The global step counts after which the run evaluates: every epoch's end, or every
+    `eval_every_steps` steps (the authors' SVHN accounting: every 200 iterations) and the last step."""
+    every = eval_every_steps or steps_per_epoch
+    steps = list(range(every, total_steps + 1, every))
+    return steps if steps and steps[-1] == total_steps else steps + [total_steps]
+
+
+def epoch_of(step: int, steps_per_epoch: int):
+    """Epochs done after `step` steps: an int at an epoch's end, else a fraction (4 decimals)."""
+    return step // steps_per_epoch if step % steps_per_epoch == 0 else round(step / steps_per_epoch, 4)
+
+
+class Trainer:
+    """The phases of a run after setup: train up to the next evaluation, evaluate, record."""
+
+    def __init__(self, run: Run, run_dir: records.RunDir, ckpts: checkpoints.Checkpoints, train_steps,
+                 count_errors):
+        self.run, self.config, self.setup = run, run.config, run.setup
+        self.run_dir, self.ckpts = run_dir, ckpts
+        self.train_steps, self.count_errors = train_steps, count_errors
+        self.schedule = learning_rate_schedule(self.config, self.setup.steps_per_epoch)
+        self.permutations = {}
+
+    def permutation(self, epoch: int):
+        if epoch not in self.permutations:
+            self.permutations = {epoch: epoch_permutation(self.run.keys, epoch, self.setup, self.config.batch_size)}
+        return self.permutations[epoch]
+
+    def train_until(self, state: TrainState, stop: int):
+        """Train from `state.step` up to global step `stop` in chunks of at most `steps_per_call`
+        steps that never cross an epoch's end; (state, summed train metrics)."""
+        spe, total = self.setup.steps_per_epoch, self.setup.total_steps
+        totals = dict.fromkeys(TRAIN_METRICS, 0.0)
+        step, last_log = int(state.step), time.perf_counter()
+        while step < stop:
+            epoch, first = step // spe + 1, step % spe
+            count = min(self.config.steps_per_call, stop - step, spe - first)
+            state, sums = self.train_steps(state, self.run.train, self.run.keys, self.permutation(epoch), first, count)
+            sums = {k: float(v) for k, v in jax.device_get(sums).items()}
+            if not np.isfinite(sums["loss"]):
+                raise TrainingDiverged(
+                    f"training loss became {sums['loss']} in epoch {epoch}, steps {first + 1}-{first + count} "
+                    f"of {spe}; the checkpoints before it are kept. "
+                    "Lower learning_rate (and start over with --restart) or check the data")
+            totals = {k: totals[k] + sums[k] for k in totals}
+            step += count
+            if time.perf_counter() - last_log > 30 and step < stop:
+                last_log = time.perf_counter()
+                log.info("epoch %d: step %d/%d (%d/%d in all), loss %.4f", epoch, step - (epoch - 1) * spe, spe,
+                         step, total, totals["loss"] / totals["images"])
+        return state, totals
+
+    def metrics_line(self, state: TrainState, totals: dict, lr: float, seconds: float) -> dict:
+        """One line of metrics.jsonl: training metrics since the previous line, then evaluation."""
+        errors = self.run.error_rates(self.count_errors, state)
+        step = int(state.step)
+        return {
+            "epoch": epoch_of(step, self.setup.steps_per_epoch),
+            "step": step,
+            "train_loss": totals["loss"] / totals["images"],
+            "train_error": 100.0 * totals["errors"] / totals["images"],
+            "val_error": errors["val"],
+            "test_error": errors["test"],
+            "lr": lr,
+            "epoch_time_s": seconds,
+            "images_per_s": totals["images"] / seconds,
+            "mean_active_blocks": totals["active_blocks"] / totals["steps"],
+        }
+
+    def record(self, state: TrainState, line: dict, history: list) -> None:
+        """Append the line; checkpoint the latest state at the checkpoint cadence and the best one."""
+        self.run_dir.append_metrics(line)
+        history.append(line)
+        step, spe = line["step"], self.setup.steps_per_epoch
+        every_epochs = step % (self.config.checkpoint_every_epochs * spe) == 0
+        if self.config.eval_every_steps or every_epochs or step == self.setup.total_steps:
+            self.ckpts.save(checkpoints.LATEST, state, line)
+        if records.best_line(history) is line:
+            self.ckpts.save(checkpoints.BEST, state, line)
+
+    def log_line(self, line: dict) -> None:
+        progress = (f"epoch {line['epoch']}/{self.config.num_epochs}" if not self.config.eval_every_steps else
+                    f"step {line['step']}/{self.setup.total_steps} (epoch {line['epoch']:.2f})")
+        log.info("%s  loss %.4f  train %.2f%%  val %.2f%%  test %.2f%%  lr %.4g  %.1f s (%.0f img/s)  "
+                 "active blocks %.1f/%d", progress, line["train_loss"], line["train_error"], line["val_error"],
+                 line["test_error"], line["lr"], line["epoch_time_s"], line["images_per_s"],
+                 line["mean_active_blocks"], self.setup.model.num_blocks)
+
+    def fit(self, state: TrainState, history: list) -> TrainState:
+        """Train from `state.step` to the end, evaluating and recording at every evaluation step."""
+        try:
+            for stop in evaluation_steps(self.setup.total_steps, self.setup.steps_per_epoch,
+                                         self.config.eval_every_steps):
+                if stop <= int(state.step):
+                    continue
+                lr = float(f"{float(self.schedule(int(state.step))):.7g}")  # float32 -> the config's decimal
+                start = time.perf_counter()
+                state, totals = self.train_until(state, stop)
+                line = self.metrics_line(state, totals, lr, time.perf_counter() - start)
+                self.record(state, line, history)
+                self.log_line(line)
+        finally:
+            self.ckpts.wait()
+            self.ckpts.close()
+        return state
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, restart: bool = False) -> dict:
@@ -270,6 +410,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, restart:
     `workdir`. A workdir holding an earlier run of the same config is resumed from its latest
     checkpoint; `restart` deletes the earlier run instead."""
     validate(config, data.DATASETS, jax.device_count())
+    resolve_convention(config)
     run_dir = records.RunDir(workdir, parallel.is_primary())
     run_dir.start(config, restart)
     wall_start = time.perf_counter()
@@ -284,77 +425,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, restart:
 
     ckpts = checkpoints.Checkpoints(workdir)
     restored = ckpts.restore(state)
-    start_epoch = 1
     if restored is not None:
         state, meta = restored
-        start_epoch = meta["epoch"] + 1
-        log.info("resuming from the checkpoint of epoch %d (step %d)", meta["epoch"], int(state.step))
-    history = run_dir.truncate_metrics(start_epoch - 1)
+        log.info("resuming from the checkpoint of epoch %s (step %d)", meta["epoch"], int(state.step))
+    history = run_dir.truncate_metrics(int(state.step))
 
     compile_start = time.perf_counter()
-    num_train = len(run.dataset.train)
     train_steps = make_train_steps(setup, config).lower(
-        state, run.train, run.keys, epoch_permutation(run.keys, 0, num_train), 0, 1).compile()
+        state, run.train, run.keys, epoch_permutation(run.keys, 0, setup, config.batch_size), 0, 1).compile()
     count_errors = make_count_errors(config, setup.model, setup.mesh)
     compile_s = time.perf_counter() - compile_start
     log.info("compiled the train step in %.1f s", compile_s)
 
-    schedule = learning_rate_schedule(config, setup.steps_per_epoch)
-    chunk = min(config.steps_per_call, setup.steps_per_epoch)
-    best_val = min((line["val_error"] for line in history), default=float("inf"))
-    try:
-        for epoch in range(start_epoch, config.num_epochs + 1):
-            lr = float(f"{float(schedule(int(state.step))):.7g}")  # float32 -> the decimal the config gave
-            perm = epoch_permutation(run.keys, epoch, num_train)
-            epoch_start = last_log = time.perf_counter()
-            totals = dict.fromkeys(("loss", "errors", "active_blocks", "steps"), 0.0)
-            for first in range(0, setup.steps_per_epoch, chunk):
-                count = min(chunk, setup.steps_per_epoch - first)
-                state, sums = train_steps(state, run.train, run.keys, perm, first, count)
-                sums = {k: float(v) for k, v in jax.device_get(sums).items()}
-                if not np.isfinite(sums["loss"]):
-                    raise TrainingDiverged(
-                        f"training loss became {sums['loss']} in epoch {epoch}, steps {first + 1}-{first + count} "
-                        f"of {setup.steps_per_epoch}; the checkpoints of the epochs before it are kept. "
-                        "Lower learning_rate (and start over with --restart) or check the data")
-                totals = {k: totals[k] + sums[k] for k in totals}
-                if time.perf_counter() - last_log > 30 and first + count < setup.steps_per_epoch:
-                    last_log = time.perf_counter()
-                    log.info("epoch %d: step %d/%d, loss %.4f", epoch, first + count, setup.steps_per_epoch,
-                             totals["loss"] / (totals["steps"] * config.batch_size))
-            epoch_time = time.perf_counter() - epoch_start
-            images_seen = totals["steps"] * config.batch_size
-            errors = run.error_rates(count_errors, state)
-            line = {
-                "epoch": epoch,
-                "train_loss": totals["loss"] / images_seen,
-                "train_error": 100.0 * totals["errors"] / images_seen,
-                "val_error": errors["val"],
-                "test_error": errors["test"],
-                "lr": lr,
-                "epoch_time_s": epoch_time,
-                "images_per_s": images_seen / epoch_time,
-                "mean_active_blocks": totals["active_blocks"] / totals["steps"],
-            }
-            run_dir.append_metrics(line)
-            history.append(line)
-            if epoch % config.checkpoint_every_epochs == 0 or epoch == config.num_epochs:
-                ckpts.save(checkpoints.LATEST, epoch, state, line["val_error"])
-            if line["val_error"] <= best_val:  # ties go to the later epoch, as in records.summarize
-                best_val = line["val_error"]
-                ckpts.save(checkpoints.BEST, epoch, state, line["val_error"])
-            log.info("epoch %d/%d  loss %.4f  train %.2f%%  val %.2f%%  test %.2f%%  lr %.4g  %.1f s "
-                     "(%.0f img/s)  active blocks %.1f/%d", epoch, config.num_epochs, line["train_loss"],
-                     line["train_error"], line["val_error"], line["test_error"], lr, epoch_time,
-                     line["images_per_s"], line["mean_active_blocks"], setup.model.num_blocks)
-    finally:
-        ckpts.wait()
-        ckpts.close()
+    Trainer(run, run_dir, ckpts, train_steps, count_errors).fit(state, history)
 
     summary = records.summarize(history)
     summary.update(num_params=num_params, expected_active_blocks=expected_active, compile_s=compile_s,
                    wall_time_s=time.perf_counter() - wall_start)
     run_dir.write_summary(summary)
-    log.info("test error at best validation (epoch %d): %.2f%%; final test error %.2f%%",
+    log.info("test error at best validation (epoch %s): %.2f%%; final test error %.2f%%",
              summary["best_val_epoch"], summary["test_error_at_best_val"], summary["final_test_error"])
     return summary

@@ -61,7 +61,7 @@ def gates(workdir, config):
 def conditionals(workdir, config):
     """How many conditionals the compiled multi-device train step holds."""
     run = training.prepare_run(config)
-    perm = training.epoch_permutation(run.keys, 0, len(run.dataset.train))
+    perm = training.epoch_permutation(run.keys, 0, run.setup, config.batch_size)
     hlo = training.make_train_steps(run.setup, config).lower(
         run.state, run.train, run.keys, perm, 0, 1).compile().as_text()
     return {"conditionals": hlo.count(" conditional("), "blocks": run.setup.model.num_blocks}

@@ -55,3 +55,11 @@ def test_bench_times_with_and_without_the_project_compiler_options(capsys):
     assert summary["options_speedup_constant"] == pytest.approx(
         configs[1]["step_s_median"] / configs[0]["step_s_median"])
     assert compiler.compiler_options() == summary["compiler_options"]  # restored after the "none" build
+
+
+def test_bench_times_with_and_without_the_partial_batch_mask(capsys):
+    rows = run_bench(capsys, "--batch-mask", "both", "--configs", "constant")
+    *configs, summary = rows
+    assert [r["framework"] for r in configs] == ["jax", "jax-no-mask"]
+    assert summary["batch_mask"] == "both"
+    assert summary["mask_cost_constant"] == pytest.approx(configs[0]["step_s_median"] / configs[1]["step_s_median"])

@@ -66,9 +66,9 @@ def finished_run(tmp_path_factory):
 def test_keeps_last_two_and_best(finished_run):
     ckpts = checkpoints.Checkpoints(finished_run)
     lines = records.read_metrics(finished_run)
-    best = min(lines, key=lambda l: (l["val_error"], -l["epoch"]))["epoch"]
-    assert ckpts.epochs(checkpoints.LATEST) == [3, 4]
-    assert ckpts.epochs(checkpoints.BEST) == [best]
+    best = min(lines, key=lambda l: (l["val_error"], -l["epoch"]))["step"]
+    assert ckpts.steps(checkpoints.LATEST) == [3 * 8, 4 * 8]  # 1024 synthetic images, batch 128
+    assert ckpts.steps(checkpoints.BEST) == [best]
     ckpts.close()
 
 
@@ -87,7 +87,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
     workdir = str(tmp_path / "run")
     config = tiny_config(num_epochs=3)
     training.train_and_evaluate(config, workdir)
-    state_dir = os.path.join(workdir, "checkpoints", "latest", "3", "state")
+    state_dir = os.path.join(workdir, "checkpoints", "latest", "24", "state")  # epoch 3 of 8 steps
     for folder, _, files in os.walk(state_dir):
         for name in files:
             if name != "commit_success.txt":
@@ -98,7 +98,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
     state, meta = ckpts.restore(run.state)
     ckpts.close()
     assert meta["epoch"] == 2 and int(state.step) == 2 * run.setup.steps_per_epoch
-    assert "latest/3 is unreadable" in caplog.text
+    assert "latest/24 is unreadable" in caplog.text
     # Resuming with one more epoch redoes epoch 3 from the epoch-2 checkpoint and matches a clean run.
     summary = training.train_and_evaluate(tiny_config(num_epochs=4), workdir)
     clean = training.train_and_evaluate(tiny_config(num_epochs=4), str(tmp_path / "clean"))
@@ -121,7 +121,7 @@ def test_injected_nan_stops_with_epoch_and_keeps_good_checkpoints(tmp_path, monk
         training.train_and_evaluate(tiny_config(num_epochs=4), workdir)
     assert [l["epoch"] for l in records.read_metrics(workdir)] == [1, 2]
     ckpts = checkpoints.Checkpoints(workdir)
-    assert ckpts.epochs(checkpoints.LATEST) == [1, 2]
+    assert ckpts.steps(checkpoints.LATEST) == [8, 16]
     ckpts.close()
 
 

@@ -23,15 +23,30 @@ def test_digits_and_synthetic_splits_are_disjoint_and_fixed():
     assert (len(s.train), len(s.val), len(s.test)) == (1024, 256, 256)
 
 
-def test_normalisation_comes_from_the_training_split_only():
+def test_channel_normalisation_comes_from_the_training_split_only():
     d = data.load_digits()
-    expected_mean = d.train.images.astype(np.float64).mean() / 255.0
-    expected_std = d.train.images.astype(np.float64).std() / 255.0
-    assert d.mean[0] == pytest.approx(expected_mean, rel=1e-6)
-    assert d.std[0] == pytest.approx(expected_std, rel=1e-6)
+    mean, std = d.normalization("channel_mean_std")
+    assert mean.shape == std.shape == (1,)
+    assert mean[0] == pytest.approx(d.train.images.astype(np.float64).mean() / 255.0, rel=1e-6)
+    assert std[0] == pytest.approx(d.train.images.astype(np.float64).std() / 255.0, rel=1e-6)
     brighter = data.Dataset(d.name, d.train, data.Split(d.val.images // 2, d.val.labels),
                             data.Split(d.test.images * 0 + 255, d.test.labels), 10, 1, False)
-    np.testing.assert_array_equal(brighter.mean, d.mean)
+    for how in data.NORMALIZATIONS:
+        for ours, theirs in zip(brighter.normalization(how), d.normalization(how)):
+            np.testing.assert_array_equal(ours, theirs)
+
+
+def test_authors_normalisation_is_a_mean_image_and_one_unbiased_std():
+    # CIFAR:preprocess in the authors' cifar-dataset.lua: data:mean(1) (the mean image), data:std()
+    # (every value, n - 1, taken before the mean is subtracted).
+    images = np.random.default_rng(0).integers(0, 256, (5000, 6, 5, 3), dtype=np.uint8)
+    images[:, 0] //= 4  # a darker top row: the mean image is not flat
+    mean, std = data.normalization_stats(images, "pixel_mean_scalar_std")
+    as_float = images.astype(np.float64) / 255.0
+    assert mean.shape == (6, 5, 3) and np.shape(std) == ()
+    np.testing.assert_allclose(mean, as_float.mean(0), rtol=1e-6)
+    assert float(std) == pytest.approx(as_float.std(ddof=1), rel=1e-6)
+    assert float(mean[0].mean()) < 0.5 * float(mean[1:].mean())
 
 
 def test_cifar_split_sizes_and_no_leak():
@@ -156,7 +171,7 @@ def test_train_py_end_to_end_on_generated_files(tmp_path, name, write):
     result = subprocess.run(
         [sys.executable, "train.py", "--config", "configs/quickstart.py", "--workdir", str(tmp_path / "run"),
          f"--config.dataset={name}", "--config.data_source=files", f"--config.data_dir={tmp_path / 'data'}",
-         "--config.depth=8", "--config.num_epochs=1", "--config.lr_boundaries=(1,)"],
+         "--config.depth=8", "--config.num_epochs=1", "--config.lr_boundaries=(2,)"],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

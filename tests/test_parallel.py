@@ -42,6 +42,21 @@ def test_shared_gates_match_single_device(tmp_path, single_device_run, devices):
         np.testing.assert_allclose(got[key], reference[key], rtol=2e-2, atol=2e-3, err_msg=key)
 
 
+def test_partial_last_batch_shared_unevenly_matches_single_device(tmp_path):
+    # 1024 images in batches of 96: each epoch ends with a batch of 64 real images, which four
+    # devices hold as 24, 24, 16 and 0. Loss and BatchNorm statistics must count each real image once.
+    overrides = ("batch_size=96", "num_epochs=2")  # the authors' convention trains the partial batch
+    one = worker("train", tmp_path / "one", 1, *overrides)
+    four = worker("train", tmp_path / "four", 4, *overrides)
+    assert [l["step"] for l in four["metrics"]] == [11, 22]
+    for a, b in zip(one["metrics"], four["metrics"]):
+        assert a["mean_active_blocks"] == b["mean_active_blocks"]
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=2e-3)
+    reference, got = params(tmp_path / "one"), params(tmp_path / "four")
+    for key in reference:
+        np.testing.assert_allclose(got[key], reference[key], rtol=2e-2, atol=2e-3, err_msg=key)
+
+
 def test_per_device_gates_differ_and_still_skip_compute(tmp_path):
     shared = worker("gates", tmp_path, 2, "depth=20")["gates"]
     assert all(step[0] == step[1] for step in shared)

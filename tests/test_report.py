@@ -56,7 +56,7 @@ def test_table_quotes_the_published_numbers_for_the_same_setting():
 def test_sweep_runs_both_modes_resumably_and_plots_both_series(tmp_path):
     command = [sys.executable, "-m", "sd_jax.sweep", "--config", "configs/quickstart.py", "--root",
                str(tmp_path / "sweep"), "--p_last", "0.3,0.7", "--modes", "linear,uniform",
-               "--config.dataset=synthetic", "--config.depth=8", "--config.num_epochs=1", "--config.lr_boundaries=(1,)"]
+               "--config.dataset=synthetic", "--config.depth=8", "--config.num_epochs=1", "--config.lr_boundaries=(2,)"]
     first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -109,7 +109,7 @@ def test_reproduce_paper_notebook_runs(tmp_path):
     ns = run_notebook(os.path.join(ROOT, "notebooks", "reproduce_paper.ipynb"),
                       'INSTALL = False\nREPO = ""\nTRAIN = True\n'
                       'WORKDIRS = {"constant": "c", "stochastic": "s"}\nREPORT_DIR = "report"\n'
-                      'OVERRIDES = {"dataset": "synthetic", "depth": 8, "num_epochs": 2, "lr_boundaries": (1,)}\n',
+                      'OVERRIDES = {"dataset": "synthetic", "depth": 8, "num_epochs": 2, "lr_boundaries": (2,)}\n',
                       tmp_path)
     assert "5.25" not in ns["table"]  # no paper row for ResNet-8 on synthetic data
     assert (tmp_path / "report" / "training_time.png").exists()

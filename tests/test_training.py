@@ -23,7 +23,7 @@ def tiny_config(**overrides):
 
 def count_conditionals(config):
     run = training.prepare_run(config)
-    perm = training.epoch_permutation(run.keys, 0, len(run.dataset.train))
+    perm = training.epoch_permutation(run.keys, 0, run.setup, config.batch_size)
     hlo = training.make_train_steps(run.setup, config).lower(
         run.state, run.train, run.keys, perm, 0, 1).compile().as_text()
     return hlo.count(" conditional(")
@@ -44,7 +44,7 @@ def test_warmup_starts_with_every_block_active():
     config = tiny_config(p_last=0.05, drop_warmup=0.5, depth=14)
     run = training.prepare_run(config)
     train_steps = training.make_train_steps(run.setup, config)
-    perm = training.epoch_permutation(run.keys, 1, len(run.dataset.train))
+    perm = training.epoch_permutation(run.keys, 1, run.setup, config.batch_size)
     copy = lambda state: jax.tree.map(jnp.copy, state)  # the train step donates its state
     _, first = train_steps(copy(run.state), run.train, run.keys, perm, 0, 1)
     assert float(first["active_blocks"]) == run.setup.model.num_blocks == 6
@@ -61,7 +61,9 @@ def test_short_run_learns_and_is_reproducible(tmp_path):
     lines_b = records.read_metrics(str(tmp_path / "b"))
     assert [l["epoch"] for l in lines_a] == [1, 2, 3]
     assert lines_a[-1]["train_loss"] < lines_a[0]["train_loss"]
-    assert lines_a[-1]["val_error"] < 50.0  # chance is 90%
+    # Chance is 90%. Three epochs under the authors' BatchNorm init (scale uniform in [0, 1)) reach
+    # 50% here, the PyTorch convention 12% (README, Fidelity): this checks learning, not speed.
+    assert lines_a[-1]["val_error"] < 70.0
     timing = {"epoch_time_s", "images_per_s"}
     for a, b in zip(lines_a, lines_b):
         assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
@@ -139,13 +141,35 @@ def test_unwritable_workdir_and_existing_run(tmp_path):
     assert (done / records.METRICS_FILE).read_text() == "{}\n"
 
 
-def test_learning_rate_schedule_with_warmup_and_decays():
+def torch_learning_rate(epoch: int, max_epochs: int = 500, fractions=(0.5, 0.75)) -> float:
+    """The authors' main.lua, transcribed: the lr of 1-based epochCounter `epoch`."""
+    if epoch < max_epochs * fractions[0]:
+        return 0.1
+    return 0.01 if epoch < max_epochs * fractions[1] else 0.001
+
+
+@pytest.mark.parametrize("epoch", [1, 249, 250, 251, 374, 375, 500])
+def test_learning_rate_drops_where_the_authors_code_drops_it(epoch):
+    steps = 352  # 45k CIFAR images in batches of 128, the last one partial
+    schedule = training.learning_rate_schedule(default_config(), steps_per_epoch=steps)
+    first, last = (epoch - 1) * steps, epoch * steps - 1
+    assert float(schedule(first)) == pytest.approx(torch_learning_rate(epoch))
+    assert float(schedule(last)) == pytest.approx(torch_learning_rate(epoch))
+
+
+def test_svhn_learning_rate_drops_at_epochs_30_and_35():
+    config = default_config()
+    config.update(num_epochs=50, lr_boundaries=(30, 35))
+    schedule = training.learning_rate_schedule(config, steps_per_epoch=7)
+    for epoch in (29, 30, 34, 35):
+        assert float(schedule((epoch - 1) * 7)) == pytest.approx(torch_learning_rate(epoch, 50, (0.6, 0.7)))
+
+
+def test_learning_rate_warmup_then_decays():
     config = tiny_config(lr_boundaries=(3, 5), lr_warmup_epochs=1, lr_warmup_value=0.01)
     schedule = training.learning_rate_schedule(config, steps_per_epoch=10)
-    expected = {0: 0.01, 9: 0.01, 10: 0.1, 29: 0.1, 30: 0.01, 49: 0.01, 50: 0.001}
+    expected = {0: 0.01, 9: 0.01, 10: 0.1, 19: 0.1, 20: 0.01, 39: 0.01, 40: 0.001}
     assert {step: pytest.approx(float(schedule(step))) for step in expected} == expected
-    plain = training.learning_rate_schedule(tiny_config(lr_boundaries=(3, 5)), steps_per_epoch=10)
-    assert [float(plain(s)) for s in (0, 29, 30, 50)] == pytest.approx([0.1, 0.1, 0.01, 0.001])
 
 
 def test_bfloat16_training_runs_and_learns(tmp_path):

@@ -1,0 +1,77 @@
+"""BatchNorm as in Torch7/PyTorch, with an optional per-example mask for a padded last batch.
+
+Why not `flax.linen.BatchNorm`: with a mask and a device axis it averages the devices' masked means,
+which is wrong when the devices hold different numbers of real images (the last, partial batch of
+an epoch). Here the statistics are sums and counts added over the devices, so every real image
+weighs the same wherever it sits. Without a mask the arithmetic is Flax's (E[x], E[x^2], variance
+clipped at 0), and the variables have Flax's names and shapes, so checkpoints are interchangeable.
+"""
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+MOMENTUM = 0.9  # running = MOMENTUM * running + (1 - MOMENTUM) * batch: Torch/PyTorch momentum 0.1
+EPSILON = 1e-5
+
+
+def _sums(x, mask, axis_name):
+    """(sum x, sum x^2, count) over batch and space, masked per example, added over `axis_name`."""
+    axes = tuple(range(x.ndim - 1))
+    if mask is None:
+        count = jnp.float32(x.size // x.shape[-1])
+        sums = jnp.stack([jnp.sum(x, axes), jnp.sum(x * x, axes)])
+    else:
+        weights = mask.astype(jnp.float32).reshape((-1,) + (1,) * (x.ndim - 1))
+        count = jnp.sum(weights) * (x.size // (x.shape[0] * x.shape[-1]))
+        sums = jnp.stack([jnp.sum(x * weights, axes), jnp.sum(x * x * weights, axes)])
+    if axis_name is not None:
+        sums, count = jax.lax.psum((sums, count), axis_name)
+    return sums[0], sums[1], count
+
+
+def batch_moments(x, mask=None, axis_name=None):
+    """Mean and (biased) variance per channel of NHWC `x` over the examples where `mask` is true."""
+    x = x.astype(jnp.float32)
+    if mask is None and axis_name is None:  # Flax's own reduction order: identical results
+        mean, mean_sq = jnp.mean(x, tuple(range(x.ndim - 1))), jnp.mean(x * x, tuple(range(x.ndim - 1)))
+    else:
+        total, total_sq, count = _sums(x, mask, axis_name)
+        count = jnp.maximum(count, 1.0)
+        mean, mean_sq = total / count, total_sq / count
+    return mean, jnp.maximum(mean_sq - mean * mean, 0.0)
+
+
+class BatchNorm(nn.Module):
+    """Normalise over batch and space with batch statistics (training) or running averages.
+
+    `scale_init` sets the initial scale: ones (PyTorch) or uniform in [0, 1) (Torch7's
+    `BatchNormalization:reset()`, which the authors' code kept). `axis_name` averages the
+    statistics over that mapped axis (synchronised BatchNorm). `mask` (N,) leaves padded examples
+    out of the statistics.
+    """
+
+    use_running_average: bool
+    dtype: Any = jnp.float32
+    axis_name: Optional[str] = None
+    scale_init: Callable = nn.initializers.ones
+    momentum: float = MOMENTUM
+    epsilon: float = EPSILON
+
+    @nn.compact
+    def __call__(self, x, mask=None):
+        features = (x.shape[-1],)
+        running_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(features, jnp.float32))
+        running_var = self.variable("batch_stats", "var", lambda: jnp.ones(features, jnp.float32))
+        scale = self.param("scale", self.scale_init, features, jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, features, jnp.float32)
+        if self.use_running_average:
+            mean, var = running_mean.value, running_var.value
+        else:
+            mean, var = batch_moments(x, mask, self.axis_name)
+            if not self.is_initializing():
+                running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
+                running_var.value = self.momentum * running_var.value + (1 - self.momentum) * var
+        y = (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+        return jnp.asarray(y, self.dtype)
