@@ -47,6 +47,11 @@ def test_authors_normalisation_is_a_mean_image_and_one_unbiased_std():
     np.testing.assert_allclose(mean, as_float.mean(0), rtol=1e-6)
     assert float(std) == pytest.approx(as_float.std(ddof=1), rel=1e-6)
     assert float(mean[0].mean()) < 0.5 * float(mean[1:].mean())
+    digits = data.load_digits()  # and on a real training split, through the Dataset
+    mean, std = digits.normalization("pixel_mean_scalar_std")
+    train = digits.train.images.astype(np.float64) / 255.0
+    np.testing.assert_allclose(mean, train.mean(0), rtol=1e-6, atol=1e-7)
+    assert float(std) == pytest.approx(train.std(ddof=1), rel=1e-6)
 
 
 def test_cifar_split_sizes_and_no_leak():

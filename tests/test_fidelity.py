@@ -2,6 +2,7 @@
 choose, checked against a value derived independently of the code under test."""
 import dataclasses
 import importlib.util
+import json
 import os
 import shutil
 
@@ -129,7 +130,9 @@ def test_eval_every_steps_cadence_checkpoints_and_exact_resume(tmp_path):
 
     # What a kill after step 20's evaluation leaves: its checkpoint and metrics. Resuming redoes 21-24.
     interrupted = str(tmp_path / "interrupted")
-    training.train_and_evaluate(config, interrupted)
+    shutil.copytree(workdir, interrupted)
+    with open(os.path.join(interrupted, records.METRICS_FILE), "w") as f:  # the line of step 24 is lost too
+        f.writelines(json.dumps(line, sort_keys=True) + "\n" for line in lines[:4])
     shutil.rmtree(os.path.join(interrupted, "checkpoints", "latest", "24"))
     os.remove(os.path.join(interrupted, records.SUMMARY_FILE))
     training.train_and_evaluate(config, interrupted)

@@ -97,7 +97,7 @@ def test_quickstart_writes_its_files_and_reaches_target(tmp_path):
     assert summary["num_params"] == 269_434  # ResNet-20 on 1-channel images: 27*16 - 9*16 fewer weights
     assert summary["expected_active_blocks"] == pytest.approx(6.5)
     assert summary["train_time_s"] == pytest.approx(sum(l["epoch_time_s"] for l in lines))
-    assert summary["test_error_at_best_val"] < 3.0
+    assert summary["test_error_at_best_val"] < 3.0  # the authors' conventions (the default) learn digits
     assert "epoch 30/30" in result.stderr
 
 
