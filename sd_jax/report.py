@@ -82,6 +82,18 @@ def plot_figure3(runs, path: str) -> None:
     plt.close(fig)
 
 
+def seconds_per_epoch(metrics) -> list:
+    """Training seconds per epoch over each metrics line's interval: a line holds the time since the
+    line before, which spans a whole epoch, or a fraction of one with `eval_every_steps`."""
+    starts = [0] + [m["epoch"] for m in metrics[:-1]]
+    return [m["epoch_time_s"] / (m["epoch"] - start) for m, start in zip(metrics, starts)]
+
+
+def mean_epoch_time(metrics) -> float:
+    """Mean training seconds per epoch of a run: its training time over the epochs it covers."""
+    return sum(m["epoch_time_s"] for m in metrics) / metrics[-1]["epoch"]
+
+
 def time_ratios(runs) -> list:
     """(run, measured mean epoch time / constant's, expected from survival probabilities) per SD run."""
     constants = {(r.config["dataset"], r.config["depth"]): r for r in runs if r.schedule == "constant"}
@@ -90,8 +102,7 @@ def time_ratios(runs) -> list:
         base = constants.get((run.config["dataset"], run.config["depth"]))
         if base is None or run is base:
             continue
-        mean_time = lambda r: sum(m["epoch_time_s"] for m in r.metrics) / len(r.metrics)
-        out.append((run, mean_time(run) / mean_time(base),
+        out.append((run, mean_epoch_time(run.metrics) / mean_epoch_time(base.metrics),
                     expected_step_ratio(run.config["depth"], run.config["p_last"], run.config["survival_mode"])))
     return out
 
@@ -103,7 +114,7 @@ def plot_training_time(runs, path: str) -> None:
         epochs = [m["epoch"] for m in run.metrics]
         times = [m["epoch_time_s"] for m in run.metrics]
         style = "--" if run.schedule == "constant" else "-"
-        per_epoch.plot(epochs, times, style, label=run.label)
+        per_epoch.plot(epochs, seconds_per_epoch(run.metrics), style, label=run.label)
         cumulative = [sum(times[:i + 1]) / 60.0 for i in range(len(times))]
         total.plot(epochs, cumulative, style, label=run.label)
     per_epoch.set(xlabel="epoch", ylabel="training time per epoch (s)", title="epoch time")

@@ -114,3 +114,13 @@ def test_reproduce_paper_notebook_runs(tmp_path):
     assert "5.25" not in ns["table"]  # no paper row for ResNet-8 on synthetic data
     assert (tmp_path / "report" / "training_time.png").exists()
     assert records.read_json(str(tmp_path / "s"), records.CONFIG_FILE)["p_last"] == 0.5
+
+
+def test_epoch_time_at_a_step_cadence_is_per_epoch():
+    # eval_every_steps: lines cover half an epoch, half an epoch, then a quarter, each at 4 s/epoch.
+    metrics = [{"epoch": 0.5, "epoch_time_s": 2.0}, {"epoch": 1, "epoch_time_s": 2.0},
+               {"epoch": 1.25, "epoch_time_s": 1.0}]
+    assert report.seconds_per_epoch(metrics) == pytest.approx([4.0, 4.0, 4.0])
+    assert report.mean_epoch_time(metrics) == pytest.approx(4.0)
+    per_epoch = [{"epoch": 1, "epoch_time_s": 3.0}, {"epoch": 2, "epoch_time_s": 5.0}]
+    assert report.seconds_per_epoch(per_epoch) == [3.0, 5.0] and report.mean_epoch_time(per_epoch) == 4.0
