@@ -8,7 +8,6 @@ Each configuration is compiled, warmed up, then timed in rounds; every round tim
 configuration once, alternately, so drifts of a noisy machine hit them all alike. Prints one JSON
 object per configuration and a final summary object.
 """
-import argparse
 import datetime
 import importlib.util
 import json
@@ -21,10 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sd_jax import compiler, parallel, training
-from sd_jax.config import default_config, resolve_convention
+from sd_jax import cli, compiler, parallel, training
+from sd_jax.config import ConfigError, default_config, resolve_convention
 from sd_jax.models import blocks_per_stage
-from sd_jax.schedules import survival_probabilities
+from sd_jax.survival import survival_probabilities
 
 # (name, p_last, survival mode): constant depth, the paper's setting, and the all-dropped floor.
 CONFIGURATIONS = (("constant", 1.0, "linear"), ("stochastic", 0.5, "linear"), ("floor", 0.0, "uniform"))
@@ -66,27 +65,26 @@ class JaxStep:
         config = default_config()
         config.update(depth=args.depth, batch_size=args.batch_size, p_last=p_last, survival_mode=mode,
                       dtype=args.dtype, scan_blocks=args.scan_blocks, conv_grads=args.conv_grads,
-                      partial_last_batch=batch_mask)
+                      partial_last_batch=batch_mask, num_epochs=1)
         resolve_convention(config)
         self.steps = args.steps
         mesh = parallel.make_mesh()
-        self.train = parallel.replicate(random_train_data(args.batch_size * args.steps), mesh)
-        setup = training.Setup(model=training.build_model(config, 10), tx=training.make_optimizer(config, args.steps),
-                               num_train=args.batch_size * args.steps, steps_per_epoch=args.steps,
-                               total_steps=args.steps, translate=4, flip=True, mesh=mesh)
+        num_train = args.batch_size * args.steps  # one epoch of `steps` steps
+        self.train_data = parallel.replicate(random_train_data(num_train), mesh)
+        plan = training.make_plan(config, num_train, num_classes=10, translate=4, flip=True, mesh=mesh)
         self.keys = parallel.replicate(training.run_keys(0), mesh)
-        self.state = parallel.replicate(training.create_train_state(self.keys["init"], setup, (32, 32, 3)), mesh)
+        self.state = parallel.replicate(training.make_train_state(self.keys["init"], plan, (32, 32, 3)), mesh)
         self.perm = jnp.arange(args.batch_size * args.steps)
         start = time.perf_counter()
-        self.fn = training.make_train_steps(setup, config).lower(
-            self.state, self.train, self.keys, self.perm, 0, self.steps).compile()
+        self.fn = training.make_train_steps(plan, config).lower(
+            self.state, self.train_data, self.keys, self.perm, 0, self.steps).compile()
         self.compile_s = time.perf_counter() - start
         self.run()  # warm-up
 
     def run(self) -> float:
         """Seconds per step of one call running `steps` steps."""
         start = time.perf_counter()
-        self.state, sums = self.fn(self.state, self.train, self.keys, self.perm, 0, self.steps)
+        self.state, sums = self.fn(self.state, self.train_data, self.keys, self.perm, 0, self.steps)
         jax.block_until_ready(sums)
         return (time.perf_counter() - start) / self.steps
 
@@ -135,8 +133,8 @@ class TorchStep:
         return (time.perf_counter() - start) / self.steps
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arg_parser():
+    parser = cli.parser(__doc__)
     parser.add_argument("--depth", type=int, default=110)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=3, help="training steps per timed jitted call")
@@ -155,16 +153,17 @@ def parse_args(argv=None):
     parser.add_argument("--peer", choices=("torch",), help="also time the PyTorch eager peer")
     parser.add_argument("--peer-path", default=PEER_PATH, help="path of torch_resnet_sd.py")
     parser.add_argument("--peer-channels-last", action="store_true", help="run the peer in NHWC memory format")
-    args = parser.parse_args(argv)
-    blocks_per_stage(args.depth)
+    return parser
+
+
+def run(args):
+    try:
+        blocks_per_stage(args.depth)
+    except ValueError as e:
+        raise ConfigError(f"--depth {args.depth}: {e}") from None
     unknown = set(args.configs.split(",")) - {c[0] for c in CONFIGURATIONS}
     if unknown:
-        parser.error(f"unknown --configs {sorted(unknown)}")
-    return args
-
-
-def main(argv=None):
-    args = parse_args(argv)
+        raise ConfigError(f"unknown --configs {sorted(unknown)}; choose from {[c[0] for c in CONFIGURATIONS]}")
     wanted = args.configs.split(",")
     runners = []
     for name, p_last, mode in CONFIGURATIONS:
@@ -224,6 +223,10 @@ def main(argv=None):
             summary["speedup_vs_peer"] = summary["speedup_vs_peer_stochastic"]
     print(json.dumps(summary), flush=True)
     return results, summary
+
+
+def main(argv=None):
+    return cli.main(arg_parser(), run, argv)
 
 
 if __name__ == "__main__":

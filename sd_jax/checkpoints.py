@@ -1,20 +1,24 @@
-"""Checkpoints with orbax: the last two evaluations plus the best one, written asynchronously.
+"""Checkpoints with orbax: one manager keeping the latest two saves and the best evaluation,
+written asynchronously.
 
-Layout in the workdir: `checkpoints/latest/<step>/` (two kept) and `checkpoints/best/<step>/` (one
-kept), numbered by global training step. Each holds the train state (params, batch stats, optimizer
-state, step) and a small JSON with the epoch, step and validation error of its metrics line. RNG
-state needs no saving: every key derives from the seed and the step or epoch, so restoring the step
-restores the randomness.
+Layout in the workdir: `checkpoints/<step>/`, numbered by global training step. Each holds the
+train state (params, batch stats, optimizer state, step) and, as orbax metrics, the epoch, step and
+validation error of its metrics line; orbax's preservation policies keep the newest `keep_latest`
+and the one `records.best_line` picks (the one best rule). RNG state needs no saving: every key
+derives from the seed and the step or epoch, so restoring the step restores the randomness.
 """
+import dataclasses
 import logging
 import os
 
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
 
 from sd_jax import records
 
 LATEST, BEST = "latest", "best"
+META_KEYS = ("epoch", "step", "val_error")
 
 log = logging.getLogger(__name__)
 
@@ -28,54 +32,67 @@ def _state_tree(state):
             "step": state.step}
 
 
+def best_step(metas: list):
+    """The step of the best evaluation among checkpoint metadata, by `records.best_line`."""
+    return records.best_line(metas)["step"] if metas else None
+
+
+@dataclasses.dataclass
+class PreserveBest(checkpoint_managers.PreservationPolicy):
+    """Keeps the checkpoint of the best evaluation (`records.best_line` over the saved metrics)."""
+
+    def should_preserve(self, checkpoints, *, context):
+        best = best_step([info.metrics for info in checkpoints if info.metrics is not None])
+        return [info.step == best for info in checkpoints]
+
+
 class Checkpoints:
-    """The run's two checkpoint managers (latest and best)."""
+    """The run's checkpoint manager: the latest `keep_latest` saves plus the best one."""
 
     def __init__(self, workdir: str, keep_latest: int = 2):
-        root = os.path.abspath(os.path.join(workdir, records.CHECKPOINT_DIR))
-        self.managers = {
-            LATEST: ocp.CheckpointManager(os.path.join(root, LATEST),
-                                          options=ocp.CheckpointManagerOptions(max_to_keep=keep_latest,
-                                                                                cleanup_tmp_directories=True)),
-            BEST: ocp.CheckpointManager(os.path.join(root, BEST), options=ocp.CheckpointManagerOptions(max_to_keep=1)),
-        }
+        policy = checkpoint_managers.AnyPreservationPolicy([checkpoint_managers.LatestN(keep_latest), PreserveBest()])
+        self.manager = ocp.CheckpointManager(
+            os.path.abspath(os.path.join(workdir, records.CHECKPOINT_DIR)),
+            options=ocp.CheckpointManagerOptions(
+                preservation_policy=policy, cleanup_tmp_directories=True,
+                best_fn=lambda meta: meta["val_error"], best_mode="min"))  # best_fn: orbax writes metrics only with one
 
-    def save(self, which: str, state, line: dict) -> None:
+    def save(self, state, line: dict) -> None:
         """Start writing a checkpoint of `state`, evaluated as metrics `line`, in the background."""
-        meta = {key: line[key] for key in ("epoch", "step", "val_error")}
-        self.managers[which].save(line["step"], args=ocp.args.Composite(
-            state=ocp.args.StandardSave(_state_tree(state)), meta=ocp.args.JsonSave(meta)))
+        self.manager.save(line["step"], args=ocp.args.Composite(state=ocp.args.StandardSave(_state_tree(state))),
+                          metrics={key: line[key] for key in META_KEYS})
 
-    def steps(self, which: str = LATEST):
-        return sorted(self.managers[which].all_steps())
+    def steps(self, which: str = LATEST) -> list:
+        """The kept steps, oldest first (LATEST: all of them, the newest last); BEST: the best one's."""
+        steps = sorted(self.manager.all_steps())
+        if which == BEST:
+            best = best_step([self.manager.metrics(step) for step in steps])
+            return [] if best is None else [best]
+        return steps
 
     def restore(self, state, which: str = LATEST):
-        """(state, meta) from the newest checkpoint of `which` that reads back whole; None if there is none.
+        """(state, meta) from the newest checkpoint (or the best one) that reads back whole; None if there is none.
 
         A checkpoint that fails to read (truncated or corrupt files) is reported and skipped in
         favour of the one before it.
         """
-        manager = self.managers[which]
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_tree(state))
-        for step in reversed(self.steps(which)):
+        candidates = self.steps(which)
+        for step in reversed(candidates):
             try:
-                restored = manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+                restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
             except Exception as e:  # orbax/tensorstore raise many types for unreadable files
-                log.warning("checkpoint %s/%d is unreadable (%s: %s); trying the one before it",
-                            which, step, type(e).__name__, str(e).splitlines()[0][:200])
+                log.warning("checkpoint %d (%s) is unreadable (%s: %s); trying the one before it",
+                            step, which, type(e).__name__, str(e).splitlines()[0][:200])
                 continue
-            tree = restored["state"]
-            return state.replace(**tree), restored["meta"]
-        if self.steps(which):
-            raise CheckpointError(f"none of the {which} checkpoints {self.steps(which)} could be read; "
+            return state.replace(**restored["state"]), self.manager.metrics(step)
+        if candidates:
+            raise CheckpointError(f"none of the {which} checkpoints {candidates} could be read; "
                                   "start over with --restart or remove the checkpoints directory")
         return None
 
     def wait(self) -> None:
-        for manager in self.managers.values():
-            manager.wait_until_finished()
+        self.manager.wait_until_finished()
 
     def close(self) -> None:
-        for manager in self.managers.values():
-            manager.close()
+        self.manager.close()

@@ -1,36 +1,64 @@
-"""What the command-line entry points share: progress output and exit codes for known failures."""
+"""What every command-line entry point shares: argparse parsing (with `--config FILE` and
+`--config.KEY=VALUE` overrides), progress output, and one exit-code table.
+
+Exit codes (README, "Command line"): 0 done; 1 an unexpected error (a bug: the traceback is printed);
+2 bad input, found before anything is written (usage, config, workdir, data, a missing file);
+3 the work failed on the way (the training loss diverged, no checkpoint could be read).
+"""
+import argparse
 import logging
 import sys
 
 from absl import logging as absl_logging
 
 from sd_jax.checkpoints import CheckpointError
-from sd_jax.config import ConfigError
+from sd_jax.config import ConfigError, load_config
 from sd_jax.data_files import DataError
 from sd_jax.records import WorkdirError
 from sd_jax.training import TrainingDiverged
 
-# Exit 2: bad input the user can fix before anything runs; 3: the run failed on the way.
-EXIT_CODES = ((ConfigError, 2), (WorkdirError, 2), (DataError, 2), (TrainingDiverged, 3), (CheckpointError, 3))
+EXIT_BAD_INPUT, EXIT_FAILED = 2, 3
+EXIT_CODES = ((ConfigError, EXIT_BAD_INPUT), (WorkdirError, EXIT_BAD_INPUT), (DataError, EXIT_BAD_INPUT),
+              (FileNotFoundError, EXIT_BAD_INPUT), (TrainingDiverged, EXIT_FAILED), (CheckpointError, EXIT_FAILED))
+CONFIG_OVERRIDE = "--config."
+
+
+def parser(doc: str, config: bool = False) -> argparse.ArgumentParser:
+    """An argument parser showing the module docstring as its help; with `config`, a required
+    `--config FILE` whose keys may be overridden as `--config.KEY=VALUE`."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if config:
+        p.add_argument("--config", required=True, metavar="FILE",
+                       help="experiment config: a .py file whose get_config() returns a ConfigDict, or the name of "
+                            "one in sd_jax/configs; override any key with --config.KEY=VALUE")
+    return p
 
 
 def show_progress(primary: bool = True) -> None:
     """sd_jax's progress lines on stderr (primary process only); other libraries' INFO logs stay quiet."""
     absl_logging.set_verbosity(absl_logging.WARNING)
-    if not primary:
+    package_log = logging.getLogger("sd_jax")
+    if not primary or package_log.handlers:
         return
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    package_log = logging.getLogger("sd_jax")
     package_log.addHandler(handler)
     package_log.setLevel(logging.INFO)
     package_log.propagate = False
 
 
-def run_or_exit(fn, *args, **kwargs):
-    """Call fn; a known failure becomes one "error: ..." line on stderr and its exit code."""
+def main(arg_parser: argparse.ArgumentParser, run, argv=None):
+    """Parse `argv` (default: the command line), load the config if the parser takes one, and
+    return run(args); a known failure becomes one "error: ..." line on stderr and its exit code."""
+    args, extra = arg_parser.parse_known_args(argv)
+    takes_config = "config" in vars(args)
+    stray = [a for a in extra if not (takes_config and a.startswith(CONFIG_OVERRIDE))]
+    if stray:
+        arg_parser.error(f"unrecognized arguments: {' '.join(stray)}")  # argparse exits with 2 (EXIT_BAD_INPUT)
     try:
-        return fn(*args, **kwargs)
+        if takes_config:
+            args.config = load_config(args.config, extra)
+        return run(args)
     except tuple(kind for kind, _ in EXIT_CODES) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(next(code for kind, code in EXIT_CODES if isinstance(e, kind)))

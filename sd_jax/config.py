@@ -1,10 +1,15 @@
-"""The experiment configuration: defaults (the paper's CIFAR recipe) and validation."""
+"""The experiment configuration: defaults (the paper's CIFAR recipe), config files and validation."""
+import difflib
+import os
+
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
 
 from sd_jax.conv import CONV_GRADS, INIT_FANS
 from sd_jax.data import NORMALIZATIONS
 from sd_jax.models import BN_SCALE_INITS, CLASSIFIER_INITS, SHORTCUT_DOWNSAMPLES, blocks_per_stage
-from sd_jax.schedules import SURVIVAL_MODES
+from sd_jax.survival import SURVIVAL_MODES
 from sd_jax.stochastic_depth import DROP_MODES
 
 DTYPES = ("float32", "bfloat16")
@@ -73,6 +78,48 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval_every_steps = 0  # 0: evaluate after every epoch; N: every N training steps (the authors' SVHN: 200)
     c.checkpoint_every_epochs = 1
     return c
+
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+
+
+def config_names() -> list:
+    """The experiments shipped in sd_jax/configs (one file each)."""
+    return sorted(name[:-3] for name in os.listdir(CONFIG_DIR) if name.endswith(".py") and not name.startswith("_"))
+
+
+def config_path(name_or_path: str) -> str:
+    """A config file: the path of a .py file, or the name of one in sd_jax/configs ("quickstart")."""
+    if name_or_path.endswith(".py") and os.path.isfile(name_or_path):
+        return name_or_path
+    packaged = os.path.join(CONFIG_DIR, f"{name_or_path}.py")
+    if os.path.sep not in name_or_path and os.path.isfile(packaged):
+        return packaged
+    raise ConfigError(f"no config file {name_or_path!r}; give the path of a .py file whose get_config() returns "
+                      f"a ConfigDict, or the name of one in sd_jax/configs: {', '.join(config_names())}")
+
+
+def load_config(name_or_path: str, overrides=()) -> ml_collections.ConfigDict:
+    """The ConfigDict of a config file (see `config_path`) with command-line overrides such as
+    "--config.depth=56" applied, parsed as ml_collections' config flags parse them (train.py's
+    `--config.KEY=VALUE`). Notebooks call it with the file alone and set what they change."""
+    path = config_path(name_or_path)
+    argv = ["sd_jax", f"--config={path}", *overrides]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, flag_values=flag_values, lock_config=True, sys_argv=argv)
+    try:
+        flag_values(argv)
+        return flag_values.config
+    except (AttributeError, KeyError):  # an override names a key the config lacks
+        known = sorted(default_config().keys())
+        names = [arg.split("=")[0].removeprefix("--config.").split(".")[0] for arg in overrides]
+        key = next((name for name in names if name not in known), " ".join(overrides))
+        hint = "".join(f" (did you mean {match!r}?)" for match in difflib.get_close_matches(key, known, n=1))
+        raise ConfigError(f"unknown config key {key!r}{hint}; known keys: {known}") from None
+    except flags.Error as e:
+        raise ConfigError(f"{e} (override a config key as --config.KEY=VALUE)") from None
+    except Exception as e:  # the config file itself fails to import or run
+        raise ConfigError(f"config file {path} could not be loaded: {type(e).__name__}: {e}") from None
 
 
 def resolve_convention(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

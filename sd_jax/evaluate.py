@@ -3,18 +3,19 @@
 Rebuilds the model from the workdir's config.json, restores the checkpoint and prints one JSON
 object with the epoch evaluated and its validation and test error (percent).
 """
-import argparse
 import json
-import sys
+import os
 
 import ml_collections
 
-from sd_jax import checkpoints, records, training
+from sd_jax import checkpoints, cli, records, training
 from sd_jax.config import default_config, resolve_convention
-from sd_jax.data_files import DataError
 
 
-def load_config(workdir: str) -> ml_collections.ConfigDict:
+def run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a run in `workdir` trained with (its config.json over the defaults)."""
+    if not os.path.isfile(os.path.join(workdir, records.CONFIG_FILE)):
+        raise records.WorkdirError(f"{workdir!r} holds no {records.CONFIG_FILE}: is it a train.py --workdir?")
     config = default_config()
     stored = records.read_json(workdir, records.CONFIG_FILE)
     stored["lr_boundaries"] = tuple(stored["lr_boundaries"])
@@ -23,31 +24,34 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def evaluate(workdir: str, which: str = checkpoints.LATEST) -> dict:
-    config = load_config(workdir)
-    run = training.prepare_run(config)
+    config = run_config(workdir)
+    experiment = training.make_experiment(config)
     ckpts = checkpoints.Checkpoints(workdir)
-    restored = ckpts.restore(run.state, which)
+    restored = ckpts.restore(experiment.state, which)
     ckpts.close()
     if restored is None:
         raise checkpoints.CheckpointError(f"no {which} checkpoint in {workdir!r}")
     state, meta = restored
-    errors = run.error_rates(training.make_count_errors(config, run.setup.model, run.setup.mesh), state)
+    count_errors = training.make_count_errors(config, experiment.plan.model, experiment.plan.mesh)
     return {"workdir": workdir, "checkpoint": which, "epoch": meta["epoch"], "step": int(state.step),
-            "val_error": errors["val"], "test_error": errors["test"]}
+            **training.error_rates(count_errors, training.eval_variables(state), experiment.eval_data)}
+
+
+def arg_parser():
+    p = cli.parser(__doc__)
+    p.add_argument("--workdir", required=True, help="a run's workdir (train.py --workdir)")
+    p.add_argument("--checkpoint", default=checkpoints.LATEST, choices=(checkpoints.LATEST, checkpoints.BEST))
+    return p
+
+
+def run(args):
+    result = evaluate(args.workdir, args.checkpoint)
+    print(json.dumps(result))
+    return result
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--checkpoint", default=checkpoints.LATEST, choices=(checkpoints.LATEST, checkpoints.BEST))
-    args = parser.parse_args(argv)
-    try:
-        result = evaluate(args.workdir, args.checkpoint)
-    except (OSError, checkpoints.CheckpointError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(json.dumps(result))
-    return result
+    return cli.main(arg_parser(), run, argv)
 
 
 if __name__ == "__main__":

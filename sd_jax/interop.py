@@ -8,13 +8,13 @@ Key layout (as in shared/peers/torch_resnet_sd.py and most PyTorch CIFAR ResNets
 
 evaluates a PyTorch checkpoint with this package's data pipeline and evaluation code.
 """
-import argparse
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sd_jax import cli
 from sd_jax.models import ResNetCIFAR, blocks_per_stage, to_scanned_layout
 
 BN_FIELDS = {"weight": ("params", "scale"), "bias": ("params", "bias"),
@@ -98,25 +98,30 @@ def load_torch_checkpoint(path: str):
     return strip_wrappers(torch.load(path, map_location="cpu", weights_only=True))
 
 
-def main(argv=None):
-    from sd_jax import data, parallel, training
-    from sd_jax.config import default_config, resolve_convention
+def arg_parser():
+    from sd_jax import data
     from sd_jax.models import SHORTCUT_DOWNSAMPLES
 
-    parser = argparse.ArgumentParser(description="Evaluate a PyTorch CIFAR-ResNet checkpoint with sd_jax.")
-    parser.add_argument("--checkpoint", required=True, help=".pth/.pt file holding a state_dict")
-    parser.add_argument("--depth", type=int, required=True)
-    parser.add_argument("--dataset", default="cifar10")
-    parser.add_argument("--data-dir", default="")
-    parser.add_argument("--data-source", default="tfds", choices=("tfds", "files"))
-    parser.add_argument("--p-last", type=float, default=1.0, help="survival probability used at training time")
-    parser.add_argument("--survival-mode", default="linear", choices=("linear", "uniform"))
-    parser.add_argument("--normalization", default="channel_mean_std", choices=data.NORMALIZATIONS,
-                        help="the input normalisation the PyTorch run trained with (default: per channel, "
-                             "as transforms.Normalize)")
-    parser.add_argument("--shortcut-downsample", default="subsample", choices=SHORTCUT_DOWNSAMPLES,
-                        help="option-A shortcut: stride-2 subsampling or a 2x2 average")
-    args = parser.parse_args(argv)
+    p = cli.parser("Evaluate a PyTorch CIFAR-ResNet checkpoint with sd_jax.")
+    p.add_argument("--checkpoint", required=True, help=".pth/.pt file holding a state_dict")
+    p.add_argument("--depth", type=int, required=True)
+    p.add_argument("--dataset", default="cifar10")
+    p.add_argument("--data-dir", default="")
+    p.add_argument("--data-source", default="tfds", choices=("tfds", "files"))
+    p.add_argument("--p-last", type=float, default=1.0, help="survival probability used at training time")
+    p.add_argument("--survival-mode", default="linear", choices=("linear", "uniform"))
+    p.add_argument("--normalization", default="channel_mean_std", choices=data.NORMALIZATIONS,
+                   help="the input normalisation the PyTorch run trained with (default: per channel, "
+                        "as transforms.Normalize)")
+    p.add_argument("--shortcut-downsample", default="subsample", choices=SHORTCUT_DOWNSAMPLES,
+                   help="option-A shortcut: stride-2 subsampling or a 2x2 average")
+    return p
+
+
+def run(args):
+    from sd_jax import data, parallel, training
+    from sd_jax.config import default_config, resolve_convention
+
     dataset = data.load_dataset(args.dataset, args.data_dir, args.data_source)
     config = default_config()
     config.update(depth=args.depth, p_last=args.p_last, survival_mode=args.survival_mode, dataset=args.dataset,
@@ -124,18 +129,19 @@ def main(argv=None):
                   shortcut_downsample=args.shortcut_downsample)
     resolve_convention(config)
     variables = from_torch_state_dict(load_torch_checkpoint(args.checkpoint), args.depth, dataset.num_classes,
-                                      p_last=args.p_last, mode=args.survival_mode,
+                                      p_last=args.p_last, survival_mode=args.survival_mode,
                                       shortcut_downsample=args.shortcut_downsample)
-    model = training.build_model(config, dataset.num_classes)
     mesh = parallel.make_mesh()
-    count_errors = training.make_count_errors(config, model, mesh)
-    mean, std = (jnp.asarray(a) for a in dataset.normalization(config.normalization))
-    result = {"checkpoint": args.checkpoint, "depth": args.depth, "dataset": args.dataset}
-    for name, split in (("val", dataset.val), ("test", dataset.test)):
-        errors = count_errors(variables, training.device_eval_split(split, config.eval_batch_size, mesh), mean, std)
-        result[f"{name}_error"] = 100.0 * float(errors) / len(split)
+    count_errors = training.make_count_errors(config, training.make_model(config, dataset.num_classes), mesh)
+    eval_data = training.device_eval_data(dataset, config.eval_batch_size, mesh, config.normalization)
+    result = {"checkpoint": args.checkpoint, "depth": args.depth, "dataset": args.dataset,
+              **training.error_rates(count_errors, variables, eval_data)}
     print(json.dumps(result))
     return result
+
+
+def main(argv=None):
+    return cli.main(arg_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import numpy as np
 
 from sd_jax.batch_norm import BatchNorm
 from sd_jax.conv import Conv3x3
-from sd_jax.schedules import survival_probabilities
+from sd_jax.survival import survival_probabilities
 from sd_jax.stochastic_depth import StochasticDepth
 
 STAGE_FEATURES = (16, 32, 64)
@@ -163,7 +163,7 @@ class Stage(nn.Module):
 class ResNetCIFAR(nn.Module):
     """Depth-(6n+2) CIFAR ResNet with stochastic depth over its 3n residual blocks.
 
-    `p_last` and `mode` set the survival schedule (p_last=1.0: the constant-depth baseline).
+    `p_last` and `survival_mode` set the survival schedule (p_last=1.0: the constant-depth baseline).
     `drop_mode` "block" is the paper's method; "sample" is per-example drop path.
     `dtype` is the compute dtype; parameters stay float32. `apply(variables, x, train=...)` takes
     NHWC float images; training needs a "drop" RNG and mutable "batch_stats" (and "gates" to read
@@ -176,7 +176,7 @@ class ResNetCIFAR(nn.Module):
     depth: int
     num_classes: int = 10
     p_last: float = 0.5
-    mode: str = "linear"
+    survival_mode: str = "linear"
     drop_mode: str = "block"
     dtype: Any = jnp.float32
     scan_blocks: bool = False
@@ -192,7 +192,7 @@ class ResNetCIFAR(nn.Module):
         return 3 * blocks_per_stage(self.depth)
 
     def survival_probabilities(self) -> np.ndarray:
-        return survival_probabilities(self.num_blocks, self.p_last, self.mode)
+        return survival_probabilities(self.num_blocks, self.p_last, self.survival_mode)
 
     @nn.compact
     def __call__(self, x, train: bool = False, drop_scale: Any = 1.0, mask=None):

@@ -62,8 +62,8 @@ def summarize(history: list) -> dict:
     }
 
 
-class RunDir:
-    """The workdir of one run. In a multi-process job only the primary process writes its files."""
+class Workdir:
+    """The files of one run in its workdir. In a multi-process job only the primary process writes."""
 
     def __init__(self, workdir: str, primary: bool = True):
         self.workdir = workdir
@@ -72,39 +72,52 @@ class RunDir:
     def path(self, name: str) -> str:
         return os.path.join(self.workdir, name)
 
-    def check_writable(self) -> None:
+    def holds_run(self) -> bool:
+        """Whether a run has trained here: a metrics line or a checkpoint (a lone config.json is a
+        start that failed before training, nothing to protect)."""
+        checkpoint_dir = self.path(CHECKPOINT_DIR)
+        return os.path.exists(self.path(METRICS_FILE)) or (os.path.isdir(checkpoint_dir) and bool(os.listdir(checkpoint_dir)))
+
+    def check(self, config, restart: bool = False) -> None:
+        """Raise WorkdirError unless the run can start here; writes nothing (`start` writes).
+
+        The workdir (or its nearest existing parent) must be a writable directory; continuing a run
+        is refused when its config differs in a key that changes the results.
+        """
+        existing = os.path.abspath(self.workdir)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not (os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK)):
+            raise WorkdirError(f"workdir {self.workdir!r} is not writable ({existing!r} is not a writable "
+                               "directory); pass a --workdir you can write to")
+        if restart or not self.holds_run():
+            return
+        if not os.path.exists(self.path(CONFIG_FILE)):
+            raise WorkdirError(f"workdir {self.workdir!r} holds a run but no {CONFIG_FILE}; "
+                               "use another --workdir, or pass --restart to start over")
+        old, new = read_json(self.workdir, CONFIG_FILE), json.loads(config.to_json_best_effort())
+        changed = sorted(k for k in set(old) | set(new) if k not in RESUMABLE_KEYS and old.get(k) != new.get(k))
+        if changed:
+            diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+            raise WorkdirError(f"workdir {self.workdir!r} holds a run with a different config ({diffs}); "
+                               "use another --workdir, or pass --restart to delete that run and start over")
+
+    def start(self, config, restart: bool = False) -> None:
+        """Claim the workdir after `check` passed: write config.json, first deleting the earlier
+        run's files if `restart` (or a failed start's lone config.json)."""
+        if not self.primary:
+            return
         try:
             os.makedirs(self.workdir, exist_ok=True)
-            with tempfile.TemporaryFile(dir=self.workdir):
-                pass
+            if restart:
+                for name in (METRICS_FILE, SUMMARY_FILE):
+                    if os.path.exists(self.path(name)):
+                        os.remove(self.path(name))
+                shutil.rmtree(self.path(CHECKPOINT_DIR), ignore_errors=True)
+            write_json_atomic(self.path(CONFIG_FILE), json.loads(config.to_json_best_effort()))
         except OSError as e:
             raise WorkdirError(f"workdir {self.workdir!r} is not writable ({e.strerror}); "
                                "pass a --workdir you can write to") from None
-
-    def start(self, config, restart: bool = False) -> None:
-        """Claim the workdir: a new run, the continuation of the same run, or (`restart`) a fresh start.
-
-        Continuing is refused when the config differs in a key that changes the run's results.
-        """
-        self.check_writable()
-        new = json.loads(config.to_json_best_effort())
-        if restart and self.primary:
-            for name in (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE):
-                if os.path.exists(self.path(name)):
-                    os.remove(self.path(name))
-            shutil.rmtree(self.path(CHECKPOINT_DIR), ignore_errors=True)
-        elif os.path.exists(self.path(CONFIG_FILE)):
-            old = read_json(self.workdir, CONFIG_FILE)
-            changed = sorted(k for k in set(old) | set(new)
-                             if k not in RESUMABLE_KEYS and old.get(k) != new.get(k))
-            if changed:
-                diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
-                raise WorkdirError(f"workdir {self.workdir!r} holds a run with a different config ({diffs}); "
-                                   "use another --workdir, or pass --restart to delete that run and start over")
-        elif os.path.exists(self.path(METRICS_FILE)):
-            raise WorkdirError(f"workdir {self.workdir!r} holds {METRICS_FILE} but no {CONFIG_FILE}; "
-                               "use another --workdir, or pass --restart to start over")
-        write_json_atomic(self.path(CONFIG_FILE), new)
 
     def truncate_metrics(self, last_step: int) -> list:
         """Keep the metrics lines up to global step `last_step` (those the resumed checkpoint has
@@ -130,3 +143,6 @@ class RunDir:
     def write_summary(self, summary: dict) -> None:
         if self.primary:
             write_json_atomic(self.path(SUMMARY_FILE), summary)
+
+
+RunDir = Workdir  # the old name, kept for code that imports it

@@ -5,11 +5,9 @@
 
 Reads only each workdir's config.json, metrics.jsonl and summary.json.
 """
-import argparse
 import dataclasses
 import json
 import os
-import sys
 from importlib import resources
 
 import matplotlib
@@ -17,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from sd_jax import records  # noqa: E402
+from sd_jax import cli, records  # noqa: E402
 from sd_jax.bench import expected_step_ratio  # noqa: E402
 
 
@@ -204,27 +202,30 @@ def write_report(workdirs, out: str) -> str:
     return table
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("workdirs", nargs="*", help="run workdirs to compare")
-    parser.add_argument("--sweep", help="a sweep root (python -m sd_jax.sweep) to plot as figure8.png")
-    parser.add_argument("--out", required=True, help="folder for the figures and table")
-    args = parser.parse_args(argv)
+def arg_parser():
+    p = cli.parser(__doc__)
+    p.add_argument("workdirs", nargs="*", help="run workdirs to compare")
+    p.add_argument("--sweep", help="a sweep root (python -m sd_jax.sweep) to plot as figure8.png")
+    p.add_argument("--out", required=True, help="folder for the figures and table")
+    return p
+
+
+def run(args):
     if not args.workdirs and not args.sweep:
-        parser.error("give run workdirs, --sweep ROOT, or both")
-    try:
-        if args.workdirs:
-            print(write_report(args.workdirs, args.out))
-        if args.sweep:
-            points = sweep_points(args.sweep)
-            if not points:
-                raise FileNotFoundError(f"no finished runs under {args.sweep}")
-            os.makedirs(args.out, exist_ok=True)
-            plot_figure8(points, os.path.join(args.out, "figure8.png"))
-            print(json.dumps(points))
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        raise records.WorkdirError("give run workdirs, --sweep ROOT, or both")
+    if args.workdirs:
+        print(write_report(args.workdirs, args.out))
+    if args.sweep:
+        points = sweep_points(args.sweep)
+        if not points:
+            raise FileNotFoundError(f"no finished runs under {args.sweep}")
+        os.makedirs(args.out, exist_ok=True)
+        plot_figure8(points, os.path.join(args.out, "figure8.png"))
+        print(json.dumps(points))
+
+
+def main(argv=None):
+    return cli.main(arg_parser(), run, argv)
 
 
 if __name__ == "__main__":

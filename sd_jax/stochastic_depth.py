@@ -5,7 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sd_jax.schedules import scaled_survival
+from sd_jax.survival import scaled_survival
 
 DROP_MODES = ("block", "sample")
 
@@ -18,7 +18,7 @@ class StochasticDepth(nn.Module):
     """out = activation(shortcut(x) + f(x)), where the branch f survives with probability p.
 
     `branch` is any Linen module called as `branch(x, train=...)`; it is adopted as the submodule
-    `f`. `shortcut` is a parameter-free function. Modes:
+    `f`. `shortcut` is a parameter-free function. Drop modes (`drop_mode`):
       - "block" (the paper): one Bernoulli(p) gate per call from the "drop" RNG stream. A closed
         gate returns `shortcut(x)` through `nn.cond`, so the branch's forward and backward compute
         is skipped, its BatchNorm statistics stay as they were and its parameters get zero gradient.
@@ -34,12 +34,12 @@ class StochasticDepth(nn.Module):
 
     branch: nn.Module
     shortcut: Callable[[jax.Array], jax.Array] = identity
-    mode: str = "block"
+    drop_mode: str = "block"
     activation: Optional[Callable[[jax.Array], jax.Array]] = nn.relu
 
     def setup(self):
-        if self.mode not in DROP_MODES:
-            raise ValueError(f"drop mode must be one of {DROP_MODES}, got {self.mode!r}")
+        if self.drop_mode not in DROP_MODES:
+            raise ValueError(f"drop mode must be one of {DROP_MODES}, got {self.drop_mode!r}")
         self.f = self.branch.clone(parent=None)
 
     def _combine(self, shortcut, residual):
@@ -51,13 +51,13 @@ class StochasticDepth(nn.Module):
 
     def __call__(self, x, survival_prob: Any, *, train: bool, drop_scale: Any = 1.0, mask=None):
         if not train:
-            scale = survival_prob if self.mode == "block" else 1.0
+            scale = survival_prob if self.drop_mode == "block" else 1.0
             return self._combine(self.shortcut(x), scale * self.f(x, train=False))
         if self.is_initializing():
             return self._combine(self.shortcut(x), self._residual(x, True, mask))
         p = scaled_survival(jnp.asarray(survival_prob, jnp.float32), drop_scale)
         key = self.make_rng("drop")
-        if self.mode == "sample":
+        if self.drop_mode == "sample":
             keep = jax.random.bernoulli(key, p, (x.shape[0],) + (1,) * (x.ndim - 1))
             self.sow("gates", "active", keep.mean())
             residual = self._residual(x, True, mask)

@@ -1,6 +1,6 @@
 """The p_L sweep of the paper's Figure 8: one run per (mode, p_L), sequentially, resumable.
 
-    python -m sd_jax.sweep --config configs/quickstart.py --root runs/sweep --p_last 0.2,0.5,0.8 \
+    python -m sd_jax.sweep --config sd_jax/configs/quickstart.py --root runs/sweep --p-last 0.2,0.5,0.8 \
         --modes linear,uniform [--config.num_epochs=10 ...]
     python -m sd_jax.report --sweep runs/sweep --out report/
 
@@ -10,17 +10,9 @@ interrupted one resumes from its checkpoint, so rerunning the command continues 
 import logging
 import os
 
-from absl import app, flags
-from ml_collections import config_flags
-
 from sd_jax import cli, records, training
 
 log = logging.getLogger("sd_jax.sweep")  # not __name__: it is "__main__" under python -m
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).")
-_ROOT = flags.DEFINE_string("root", None, "Folder for the sweep's run workdirs.")
-_P_LAST = flags.DEFINE_list("p_last", ["0.2", "0.5", "0.8"], "Survival probabilities of the last block.")
-_MODES = flags.DEFINE_list("modes", ["linear", "uniform"], "Survival modes.")
 
 
 def run_sweep(config, root: str, p_lasts, modes) -> list:
@@ -40,13 +32,27 @@ def run_sweep(config, root: str, p_lasts, modes) -> list:
     return workdirs
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def comma_list(kind):
+    return lambda text: [kind(item) for item in text.split(",") if item]
+
+
+def arg_parser():
+    p = cli.parser(__doc__, config=True)
+    p.add_argument("--root", required=True, help="folder for the sweep's run workdirs")
+    p.add_argument("--p-last", "--p_last", type=comma_list(float), default=[0.2, 0.5, 0.8],
+                   help="comma-separated survival probabilities of the last block")
+    p.add_argument("--modes", type=comma_list(str), default=["linear", "uniform"], help="comma-separated survival modes")
+    return p
+
+
+def run(args):
     cli.show_progress()
-    cli.run_or_exit(run_sweep, _CONFIG.value, _ROOT.value, [float(p) for p in _P_LAST.value], _MODES.value)
+    return run_sweep(args.config, args.root, args.p_last, args.modes)
+
+
+def main(argv=None):
+    return cli.main(arg_parser(), run, argv)
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config", "root"])
-    app.run(main)
+    main()

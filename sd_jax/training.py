@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from sd_jax import augment, checkpoints, compiler, data, parallel, records
 from sd_jax.config import ConfigError, resolve_convention, validate
 from sd_jax.models import ResNetCIFAR, active_blocks, count_params
-from sd_jax.schedules import drop_scale, expected_active_blocks
+from sd_jax.survival import drop_scale, expected_active_blocks
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +30,9 @@ class TrainState(train_state.TrainState):
 
 
 @dataclasses.dataclass(frozen=True)
-class Setup:
-    """What a run needs besides the config: the model, the optimiser and the data geometry."""
+class TrainingPlan:
+    """What a run trains besides the config: the model, the optimiser, the step counts, the
+    augmentation and the device mesh (no data, no state)."""
 
     model: ResNetCIFAR
     tx: optax.GradientTransformation
@@ -49,14 +50,14 @@ def synchronised_batch_norm(config) -> bool:
     return not (config.drop_mode == "block" and config.drop_gates == "per_device")
 
 
-def build_model(config, num_classes: int) -> ResNetCIFAR:
+def make_model(config, num_classes: int) -> ResNetCIFAR:
     """The configured network (`config` with its convention resolved). On one device BatchNorm gets
     no axis name: averaging over one device is the identity, and with a collective inside every
     block's cond XLA:CPU spent 0.3 s/step on copies and zero-filled buffers around the conds even
     with every block dropped (ResNet-110, docs/performance.md)."""
     synchronised = synchronised_batch_norm(config) and jax.device_count() > 1
     return ResNetCIFAR(
-        depth=config.depth, num_classes=num_classes, p_last=config.p_last, mode=config.survival_mode,
+        depth=config.depth, num_classes=num_classes, p_last=config.p_last, survival_mode=config.survival_mode,
         drop_mode=config.drop_mode, dtype=jnp.dtype(config.dtype), scan_blocks=config.scan_blocks,
         conv_grads=config.conv_grads, bn_axis_name=parallel.AXIS if synchronised else None,
         bn_scale_init=config.bn_scale_init, conv_init_fan=config.conv_init_fan,
@@ -90,28 +91,30 @@ def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation
     )
 
 
-def make_setup(config, dataset: data.Dataset, mesh: Mesh) -> Setup:
-    num_train = len(dataset.train)
+def make_plan(config, num_train: int, num_classes: int, translate: int, flip: bool, mesh: Mesh) -> TrainingPlan:
+    """The plan for `num_train` training images; `translate` and `flip` are the dataset's
+    augmentation defaults (the config may override them). Raises ConfigError for a batch larger
+    than the training split."""
     if config.batch_size > num_train:
-        raise ConfigError(f"batch_size={config.batch_size} exceeds the {num_train} training images of "
-                          f"{dataset.name}; use a batch size of at most {num_train}")
+        raise ConfigError(f"batch_size={config.batch_size} exceeds the {num_train} training images; "
+                          f"use a batch size of at most {num_train}")
     epoch_steps = steps_per_epoch(num_train, config.batch_size, config.partial_last_batch)
-    return Setup(
-        model=build_model(config, dataset.num_classes),
+    return TrainingPlan(
+        model=make_model(config, num_classes),
         tx=make_optimizer(config, epoch_steps),
         num_train=num_train,
         steps_per_epoch=epoch_steps,
         total_steps=epoch_steps * config.num_epochs,
-        translate=dataset.translate if config.augment_translate is None else config.augment_translate,
-        flip=dataset.flip if config.augment_flip is None else config.augment_flip,
+        translate=translate if config.augment_translate is None else config.augment_translate,
+        flip=flip if config.augment_flip is None else config.augment_flip,
         mesh=mesh,
     )
 
 
-def create_train_state(key, setup: Setup, image_shape) -> TrainState:
-    variables = jax.jit(lambda k: setup.model.init(k, jnp.zeros((1,) + tuple(image_shape))))(key)
-    state = TrainState.create(apply_fn=setup.model.apply, params=variables["params"],
-                              batch_stats=variables["batch_stats"], tx=setup.tx)
+def make_train_state(key, plan: TrainingPlan, image_shape) -> TrainState:
+    variables = jax.jit(lambda k: plan.model.init(k, jnp.zeros((1,) + tuple(image_shape))))(key)
+    state = TrainState.create(apply_fn=plan.model.apply, params=variables["params"],
+                              batch_stats=variables["batch_stats"], tx=plan.tx)
     return state.replace(step=jnp.zeros((), jnp.int32))
 
 
@@ -129,7 +132,7 @@ def device_drop_key(keys, step, config):
     return key
 
 
-def train_step(state: TrainState, images, labels, mask, num_real, keys, setup: Setup, config):
+def train_step(state: TrainState, images, labels, mask, num_real, keys, plan: TrainingPlan, config):
     """One SGD step on this device's share of the batch, inside `shard_map` over the "data" axis.
 
     `mask` (this device's examples; None when every example is real) leaves the padding of a short
@@ -139,7 +142,7 @@ def train_step(state: TrainState, images, labels, mask, num_real, keys, setup: S
     state and the batch's metrics summed over devices.
     """
     step = state.step
-    scale = drop_scale(step, setup.total_steps, config.drop_warmup)
+    scale = drop_scale(step, plan.total_steps, config.drop_warmup)
     drop_key = device_drop_key(keys, step, config)
     weights = jnp.ones(labels.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
 
@@ -170,8 +173,8 @@ def train_step(state: TrainState, images, labels, mask, num_real, keys, setup: S
 TRAIN_METRICS = ("loss", "errors", "images", "active_blocks", "steps")
 
 
-def make_train_steps(setup: Setup, config):
-    """Jitted (state, train data, keys, epoch permutation, first, count) -> (state, summed metrics).
+def make_train_steps(plan: TrainingPlan, config):
+    """Jitted (state, train_data, keys, epoch permutation, first, count) -> (state, summed metrics).
 
     Runs `count` consecutive steps of the epoch starting at its step `first` in one device loop;
     both are traced, so every chunk length shares one compilation. Each device takes its slice of
@@ -180,10 +183,10 @@ def make_train_steps(setup: Setup, config):
     (padded) permutation are the padding of the epoch's last batch: masked out of the step.
     """
     batch = config.batch_size
-    local = batch // setup.mesh.size
+    local = batch // plan.mesh.size
     dtype = jnp.dtype(config.dtype)
 
-    def train_steps(state, train, keys, perm, first, count):
+    def train_steps(state, train_data, keys, perm, first, count):
         device = jax.lax.axis_index(parallel.AXIS)
         mine = lambda x: jax.lax.dynamic_slice_in_dim(x, device * local, local)
 
@@ -191,30 +194,30 @@ def make_train_steps(setup: Setup, config):
             state, sums = carry
             start = (first + i) * batch
             indices = jax.lax.dynamic_slice(perm, (start,), (batch,))
-            real = start + jnp.arange(batch) < setup.num_train
+            real = start + jnp.arange(batch) < plan.num_train
             draws = augment.random_draws(jax.random.fold_in(keys["augment"], state.step), batch,
-                                         setup.translate, setup.flip)
+                                         plan.translate, plan.flip)
             images, labels = augment.training_batch(
-                train["images"], train["labels"], mine(indices), jax.tree.map(mine, draws), train["mean"],
-                train["std"], setup.translate, dtype)
+                train_data["images"], train_data["labels"], mine(indices), jax.tree.map(mine, draws),
+                train_data["mean"], train_data["std"], plan.translate, dtype)
             mask = mine(real) if config.partial_last_batch else None
             num_real = jnp.sum(real).astype(jnp.float32)
-            state, metrics = train_step(state, images, labels, mask, num_real, keys, setup, config)
+            state, metrics = train_step(state, images, labels, mask, num_real, keys, plan, config)
             return state, jax.tree.map(jnp.add, sums, metrics)
 
         zeros = {k: jnp.float32(0.0) for k in TRAIN_METRICS}
         return jax.lax.fori_loop(0, count, body, (state, zeros))
 
     replicated = PartitionSpec()
-    sharded = jax.shard_map(train_steps, mesh=setup.mesh, in_specs=(replicated,) * 6,
+    sharded = jax.shard_map(train_steps, mesh=plan.mesh, in_specs=(replicated,) * 6,
                             out_specs=(replicated, replicated), check_vma=False)
     return compiler.jit(sharded, donate_argnums=0)
 
 
-def epoch_permutation(keys, epoch: int, setup: Setup, batch_size: int):
+def epoch_permutation(keys, epoch: int, plan: TrainingPlan, batch_size: int):
     """The order of the training images in (1-based) `epoch`, padded with index 0 to whole batches."""
-    perm = jax.random.permutation(jax.random.fold_in(keys["shuffle"], epoch), setup.num_train)
-    return jnp.pad(perm, (0, max(0, setup.steps_per_epoch * batch_size - setup.num_train)))
+    perm = jax.random.permutation(jax.random.fold_in(keys["shuffle"], epoch), plan.num_train)
+    return jnp.pad(perm, (0, max(0, plan.steps_per_epoch * batch_size - plan.num_train)))
 
 
 def device_eval_split(split: data.Split, batch_size: int, mesh: Mesh) -> dict:
@@ -228,6 +231,18 @@ def device_eval_split(split: data.Split, batch_size: int, mesh: Mesh) -> dict:
     sharding = NamedSharding(mesh, PartitionSpec(None, parallel.AXIS))
     return {"images": jax.device_put(images.reshape((batches, batch_size) + images.shape[1:]), sharding),
             "labels": jax.device_put(labels.reshape(batches, batch_size), sharding)}
+
+
+EVAL_SPLITS = ("val", "test")
+
+
+def device_eval_data(dataset: data.Dataset, batch_size: int, mesh: Mesh, normalization: str) -> dict:
+    """What evaluation needs on the devices: the validation and test splits (with their sizes) and
+    the input normalisation."""
+    mean, std = dataset.normalization(normalization)
+    return {"splits": {name: device_eval_split(getattr(dataset, name), batch_size, mesh) for name in EVAL_SPLITS},
+            "sizes": {name: len(getattr(dataset, name)) for name in EVAL_SPLITS},
+            "mean": parallel.replicate(mean, mesh), "std": parallel.replicate(std, mesh)}
 
 
 def make_count_errors(config, model: ResNetCIFAR, mesh: Mesh):
@@ -250,6 +265,13 @@ def make_count_errors(config, model: ResNetCIFAR, mesh: Mesh):
     return compiler.jit(sharded)
 
 
+def error_rates(count_errors, variables: dict, eval_data: dict) -> dict:
+    """{"val_error", "test_error"}: percent misclassified by the model `variables` (the one
+    evaluation loop: training, sd_jax.evaluate and sd_jax.interop)."""
+    return {f"{name}_error": 100.0 * float(count_errors(variables, split, eval_data["mean"], eval_data["std"]))
+            / eval_data["sizes"][name] for name, split in eval_data["splits"].items()}
+
+
 def eval_variables(state: TrainState) -> dict:
     return {"params": state.params, "batch_stats": state.batch_stats}
 
@@ -259,42 +281,37 @@ class TrainingDiverged(FloatingPointError):
 
 
 @dataclasses.dataclass
-class Run:
-    """Everything built from a config before training: data on the device, model, initial state."""
+class Experiment:
+    """Everything built from a config before training: the dataset and its device copies, the
+    plan, the random keys and the initial state."""
 
     config: ml_collections.ConfigDict
     dataset: data.Dataset
-    setup: Setup
+    plan: TrainingPlan
     keys: dict
     state: TrainState
-    train: dict
-    evals: dict
-
-    def error_rates(self, count_errors, state: TrainState) -> dict:
-        """Validation and test error (percent) of `state`."""
-        variables = eval_variables(state)
-        return {name: 100.0 * float(count_errors(variables, split, self.train["mean"], self.train["std"]))
-                / len(getattr(self.dataset, name)) for name, split in self.evals.items()}
+    train_data: dict
+    eval_data: dict
 
 
-def prepare_run(config: ml_collections.ConfigDict) -> Run:
-    """Load the data onto the device and build the model, optimiser and initial state (the convention
-    keys of `config` left at None are set from its convention)."""
+def make_experiment(config: ml_collections.ConfigDict) -> Experiment:
+    """Load the data onto the devices and build the plan and the initial state (the convention keys
+    of `config` left at None are set from its convention). Every check that needs the data (batch
+    size, number of classes) raises ConfigError here, before anything is written."""
     resolve_convention(config)
     dataset = data.load_dataset(config.dataset, config.data_dir, config.data_source)
     if config.num_classes is not None and config.num_classes != dataset.num_classes:
         raise ConfigError(f"num_classes={config.num_classes} but {dataset.name} has {dataset.num_classes} "
                           "classes; leave num_classes unset to take it from the dataset")
     mesh = parallel.make_mesh()
-    setup = make_setup(config, dataset, mesh)
+    plan = make_plan(config, len(dataset.train), dataset.num_classes, dataset.translate, dataset.flip, mesh)
     keys = parallel.replicate(run_keys(config.seed), mesh)
-    state = parallel.replicate(create_train_state(keys["init"], setup, dataset.train.images.shape[1:]), mesh)
+    state = parallel.replicate(make_train_state(keys["init"], plan, dataset.train.images.shape[1:]), mesh)
     mean, std = dataset.normalization(config.normalization)
-    train = parallel.replicate({"images": dataset.train.images, "labels": dataset.train.labels,
-                                "mean": mean, "std": std}, mesh)
-    evals = {"val": device_eval_split(dataset.val, config.eval_batch_size, mesh),
-             "test": device_eval_split(dataset.test, config.eval_batch_size, mesh)}
-    return Run(config, dataset, setup, keys, state, train, evals)
+    train_data = parallel.replicate({"images": dataset.train.images, "labels": dataset.train.labels,
+                                     "mean": mean, "std": std}, mesh)
+    eval_data = device_eval_data(dataset, config.eval_batch_size, mesh, config.normalization)
+    return Experiment(config, dataset, plan, keys, state, train_data, eval_data)
 
 
 def evaluation_steps(total_steps: int, steps_per_epoch: int, eval_every_steps: int) -> list:
@@ -311,31 +328,33 @@ def epoch_of(step: int, steps_per_epoch: int):
 
 
 class Trainer:
-    """The phases of a run after setup: train up to the next evaluation, evaluate, record."""
+    """The phases of a run after setup: train up to the next evaluation, evaluate, record, log."""
 
-    def __init__(self, run: Run, run_dir: records.RunDir, ckpts: checkpoints.Checkpoints, train_steps,
-                 count_errors):
-        self.run, self.config, self.setup = run, run.config, run.setup
-        self.run_dir, self.ckpts = run_dir, ckpts
+    def __init__(self, experiment: Experiment, workdir: records.Workdir, ckpts: checkpoints.Checkpoints,
+                 train_steps, count_errors):
+        self.experiment, self.config, self.plan = experiment, experiment.config, experiment.plan
+        self.workdir, self.ckpts = workdir, ckpts
         self.train_steps, self.count_errors = train_steps, count_errors
-        self.schedule = learning_rate_schedule(self.config, self.setup.steps_per_epoch)
+        self.schedule = learning_rate_schedule(self.config, self.plan.steps_per_epoch)
         self.permutations = {}
 
     def permutation(self, epoch: int):
         if epoch not in self.permutations:
-            self.permutations = {epoch: epoch_permutation(self.run.keys, epoch, self.setup, self.config.batch_size)}
+            self.permutations = {epoch: epoch_permutation(self.experiment.keys, epoch, self.plan,
+                                                          self.config.batch_size)}
         return self.permutations[epoch]
 
     def train_until(self, state: TrainState, stop: int):
         """Train from `state.step` up to global step `stop` in chunks of at most `steps_per_call`
         steps that never cross an epoch's end; (state, summed train metrics)."""
-        spe, total = self.setup.steps_per_epoch, self.setup.total_steps
+        spe, total = self.plan.steps_per_epoch, self.plan.total_steps
         totals = dict.fromkeys(TRAIN_METRICS, 0.0)
         step, last_log = int(state.step), time.perf_counter()
         while step < stop:
             epoch, first = step // spe + 1, step % spe
             count = min(self.config.steps_per_call, stop - step, spe - first)
-            state, sums = self.train_steps(state, self.run.train, self.run.keys, self.permutation(epoch), first, count)
+            state, sums = self.train_steps(state, self.experiment.train_data, self.experiment.keys,
+                                           self.permutation(epoch), first, count)
             sums = {k: float(v) for k, v in jax.device_get(sums).items()}
             if not np.isfinite(sums["loss"]):
                 raise TrainingDiverged(
@@ -350,17 +369,15 @@ class Trainer:
                          step, total, totals["loss"] / totals["images"])
         return state, totals
 
-    def metrics_line(self, state: TrainState, totals: dict, lr: float, seconds: float) -> dict:
+    def evaluate(self, state: TrainState, totals: dict, lr: float, seconds: float) -> dict:
         """One line of metrics.jsonl: training metrics since the previous line, then evaluation."""
-        errors = self.run.error_rates(self.count_errors, state)
         step = int(state.step)
         return {
-            "epoch": epoch_of(step, self.setup.steps_per_epoch),
+            "epoch": epoch_of(step, self.plan.steps_per_epoch),
             "step": step,
             "train_loss": totals["loss"] / totals["images"],
             "train_error": 100.0 * totals["errors"] / totals["images"],
-            "val_error": errors["val"],
-            "test_error": errors["test"],
+            **error_rates(self.count_errors, eval_variables(state), self.experiment.eval_data),
             "lr": lr,
             "epoch_time_s": seconds,
             "images_per_s": totals["images"] / seconds,
@@ -368,35 +385,34 @@ class Trainer:
         }
 
     def record(self, state: TrainState, line: dict, history: list) -> None:
-        """Append the line; checkpoint the latest state at the checkpoint cadence and the best one."""
-        self.run_dir.append_metrics(line)
+        """Append the line; checkpoint at the checkpoint cadence and whenever the line is the best."""
+        self.workdir.append_metrics(line)
         history.append(line)
-        step, spe = line["step"], self.setup.steps_per_epoch
-        every_epochs = step % (self.config.checkpoint_every_epochs * spe) == 0
-        if self.config.eval_every_steps or every_epochs or step == self.setup.total_steps:
-            self.ckpts.save(checkpoints.LATEST, state, line)
-        if records.best_line(history) is line:
-            self.ckpts.save(checkpoints.BEST, state, line)
+        step, spe = line["step"], self.plan.steps_per_epoch
+        on_cadence = (self.config.eval_every_steps or step % (self.config.checkpoint_every_epochs * spe) == 0
+                      or step == self.plan.total_steps)
+        if on_cadence or records.best_line(history) is line:
+            self.ckpts.save(state, line)
 
     def log_line(self, line: dict) -> None:
         progress = (f"epoch {line['epoch']}/{self.config.num_epochs}" if not self.config.eval_every_steps else
-                    f"step {line['step']}/{self.setup.total_steps} (epoch {line['epoch']:.2f})")
+                    f"step {line['step']}/{self.plan.total_steps} (epoch {line['epoch']:.2f})")
         log.info("%s  loss %.4f  train %.2f%%  val %.2f%%  test %.2f%%  lr %.4g  %.1f s (%.0f img/s)  "
                  "active blocks %.1f/%d", progress, line["train_loss"], line["train_error"], line["val_error"],
                  line["test_error"], line["lr"], line["epoch_time_s"], line["images_per_s"],
-                 line["mean_active_blocks"], self.setup.model.num_blocks)
+                 line["mean_active_blocks"], self.plan.model.num_blocks)
 
     def fit(self, state: TrainState, history: list) -> TrainState:
-        """Train from `state.step` to the end, evaluating and recording at every evaluation step."""
+        """Train from `state.step` to the end, evaluating, recording and logging at every evaluation step."""
         try:
-            for stop in evaluation_steps(self.setup.total_steps, self.setup.steps_per_epoch,
+            for stop in evaluation_steps(self.plan.total_steps, self.plan.steps_per_epoch,
                                          self.config.eval_every_steps):
                 if stop <= int(state.step):
                     continue
                 lr = float(f"{float(self.schedule(int(state.step))):.7g}")  # float32 -> the config's decimal
                 start = time.perf_counter()
                 state, totals = self.train_until(state, stop)
-                line = self.metrics_line(state, totals, lr, time.perf_counter() - start)
+                line = self.evaluate(state, totals, lr, time.perf_counter() - start)
                 self.record(state, line, history)
                 self.log_line(line)
         finally:
@@ -405,44 +421,72 @@ class Trainer:
         return state
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, restart: bool = False) -> dict:
-    """Train as `config` says, writing config.json, metrics.jsonl, summary.json and checkpoints to
-    `workdir`. A workdir holding an earlier run of the same config is resumed from its latest
-    checkpoint; `restart` deletes the earlier run instead."""
-    validate(config, data.DATASETS, jax.device_count())
-    resolve_convention(config)
-    run_dir = records.RunDir(workdir, parallel.is_primary())
-    run_dir.start(config, restart)
-    wall_start = time.perf_counter()
-    run = prepare_run(config)
-    setup, state = run.setup, run.state
-    num_params = count_params(state.params)
-    expected_active = expected_active_blocks(setup.model.num_blocks, config.p_last, config.survival_mode)
-    log.info("%s: %d train / %d val / %d test images; ResNet-%d, %d parameters, %d blocks, "
-             "%.2f expected active; %d steps/epoch on %d x %s", run.dataset.name, len(run.dataset.train),
-             len(run.dataset.val), len(run.dataset.test), config.depth, num_params, setup.model.num_blocks,
-             expected_active, setup.steps_per_epoch, setup.mesh.size, jax.devices()[0].device_kind)
+def log_start(experiment: Experiment) -> None:
+    config, plan, dataset = experiment.config, experiment.plan, experiment.dataset
+    log.info("%s: %d train / %d val / %d test images; ResNet-%d, %d parameters, %d blocks, %.2f expected "
+             "active; %d steps/epoch on %d x %s", dataset.name, len(dataset.train), len(dataset.val),
+             len(dataset.test), config.depth, count_params(experiment.state.params), plan.model.num_blocks,
+             expected_active_blocks(plan.model.num_blocks, config.p_last, config.survival_mode),
+             plan.steps_per_epoch, plan.mesh.size, jax.devices()[0].device_kind)
 
-    ckpts = checkpoints.Checkpoints(workdir)
+
+def resume(experiment: Experiment, workdir: records.Workdir, ckpts: checkpoints.Checkpoints):
+    """(state, metrics history) to continue from: the latest checkpoint's, or the initial state."""
+    state = experiment.state
     restored = ckpts.restore(state)
     if restored is not None:
         state, meta = restored
         log.info("resuming from the checkpoint of epoch %s (step %d)", meta["epoch"], int(state.step))
-    history = run_dir.truncate_metrics(int(state.step))
+    return state, workdir.truncate_metrics(int(state.step))
 
-    compile_start = time.perf_counter()
-    train_steps = make_train_steps(setup, config).lower(
-        state, run.train, run.keys, epoch_permutation(run.keys, 0, setup, config.batch_size), 0, 1).compile()
-    count_errors = make_count_errors(config, setup.model, setup.mesh)
-    compile_s = time.perf_counter() - compile_start
-    log.info("compiled the train step in %.1f s", compile_s)
 
-    Trainer(run, run_dir, ckpts, train_steps, count_errors).fit(state, history)
+def compile_steps(experiment: Experiment, state: TrainState):
+    """(train_steps compiled for the run's shapes, count_errors, seconds taken)."""
+    start = time.perf_counter()
+    plan, config, keys = experiment.plan, experiment.config, experiment.keys
+    perm = epoch_permutation(keys, 0, plan, config.batch_size)
+    train_steps = make_train_steps(plan, config).lower(state, experiment.train_data, keys, perm, 0, 1).compile()
+    count_errors = make_count_errors(config, plan.model, plan.mesh)
+    seconds = time.perf_counter() - start
+    log.info("compiled the train step in %.1f s", seconds)
+    return train_steps, count_errors, seconds
 
+
+def finish(experiment: Experiment, workdir: records.Workdir, history: list, compile_s: float,
+           wall_start: float) -> dict:
+    """Write and return summary.json: the paper's number (test error at best validation) and costs."""
+    config, plan = experiment.config, experiment.plan
     summary = records.summarize(history)
-    summary.update(num_params=num_params, expected_active_blocks=expected_active, compile_s=compile_s,
+    summary.update(num_params=count_params(experiment.state.params), compile_s=compile_s,
+                   expected_active_blocks=expected_active_blocks(plan.model.num_blocks, config.p_last,
+                                                                 config.survival_mode),
                    wall_time_s=time.perf_counter() - wall_start)
-    run_dir.write_summary(summary)
+    workdir.write_summary(summary)
     log.info("test error at best validation (epoch %s): %.2f%%; final test error %.2f%%",
              summary["best_val_epoch"], summary["test_error_at_best_val"], summary["final_test_error"])
     return summary
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, restart: bool = False) -> dict:
+    """Train as `config` says, writing config.json, metrics.jsonl, summary.json and checkpoints to
+    `workdir`. A workdir holding an earlier run of the same config is resumed from its latest
+    checkpoint; `restart` deletes the earlier run instead. Nothing is written until the config,
+    the workdir and the data have passed every check."""
+    validate(config, data.DATASETS, jax.device_count())
+    resolve_convention(config)
+    run_files = records.Workdir(workdir, parallel.is_primary())
+    run_files.check(config, restart)
+    wall_start = time.perf_counter()
+    experiment = make_experiment(config)
+    run_files.start(config, restart)
+    log_start(experiment)
+    ckpts = checkpoints.Checkpoints(workdir)
+    state, history = resume(experiment, run_files, ckpts)
+    train_steps, count_errors, compile_s = compile_steps(experiment, state)
+    Trainer(experiment, run_files, ckpts, train_steps, count_errors).fit(state, history)
+    return finish(experiment, run_files, history, compile_s, wall_start)
+
+
+# Old names, kept for code that imports them.
+Setup, Run = TrainingPlan, Experiment
+build_model, create_train_state, prepare_run = make_model, make_train_state, make_experiment

@@ -31,7 +31,7 @@ def config_from(args):
 def train(workdir, config):
     """Train (or resume), then dump the final parameters next to the run's files."""
     training.train_and_evaluate(config, workdir)
-    run = training.prepare_run(config)
+    run = training.make_experiment(config)
     ckpts = checkpoints.Checkpoints(workdir)
     state, _ = ckpts.restore(run.state)
     ckpts.close()
@@ -42,8 +42,8 @@ def train(workdir, config):
 
 def gates(workdir, config):
     """Block gates each device draws in one training step, for several steps."""
-    run = training.prepare_run(config)
-    model, mesh = run.setup.model, run.setup.mesh
+    run = training.make_experiment(config)
+    model, mesh = run.plan.model, run.plan.mesh
     x = jnp.ones((config.batch_size, 16, 16, 3))
     variables = {"params": run.state.params, "batch_stats": run.state.batch_stats}
 
@@ -60,11 +60,11 @@ def gates(workdir, config):
 
 def conditionals(workdir, config):
     """How many conditionals the compiled multi-device train step holds."""
-    run = training.prepare_run(config)
-    perm = training.epoch_permutation(run.keys, 0, run.setup, config.batch_size)
-    hlo = training.make_train_steps(run.setup, config).lower(
-        run.state, run.train, run.keys, perm, 0, 1).compile().as_text()
-    return {"conditionals": hlo.count(" conditional("), "blocks": run.setup.model.num_blocks}
+    run = training.make_experiment(config)
+    perm = training.epoch_permutation(run.keys, 0, run.plan, config.batch_size)
+    hlo = training.make_train_steps(run.plan, config).lower(
+        run.state, run.train_data, run.keys, perm, 0, 1).compile().as_text()
+    return {"conditionals": hlo.count(" conditional("), "blocks": run.plan.model.num_blocks}
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from tests.conftest import ROOT
 from tests.test_training import tiny_config
 
 TIMING = {"epoch_time_s", "images_per_s", "train_time_s", "wall_time_s", "compile_s"}
-ARGS = ["--config", "configs/quickstart.py", "--config.dataset=synthetic", "--config.depth=8",
+ARGS = ["--config", "sd_jax/configs/quickstart.py", "--config.dataset=synthetic", "--config.depth=8",
         "--config.num_epochs=8", "--config.lr_boundaries=(6,)", "--config.steps_per_call=2"]
 
 
@@ -67,8 +67,10 @@ def test_keeps_last_two_and_best(finished_run):
     ckpts = checkpoints.Checkpoints(finished_run)
     lines = records.read_metrics(finished_run)
     best = min(lines, key=lambda l: (l["val_error"], -l["epoch"]))["step"]
-    assert ckpts.steps(checkpoints.LATEST) == [3 * 8, 4 * 8]  # 1024 synthetic images, batch 128
+    assert ckpts.steps(checkpoints.LATEST) == sorted({3 * 8, 4 * 8, best})  # 1024 synthetic images, batch 128
     assert ckpts.steps(checkpoints.BEST) == [best]
+    assert sorted(int(name) for name in os.listdir(os.path.join(finished_run, "checkpoints")) if name.isdigit()) == \
+        sorted({3 * 8, 4 * 8, best})
     ckpts.close()
 
 
@@ -87,18 +89,18 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
     workdir = str(tmp_path / "run")
     config = tiny_config(num_epochs=3)
     training.train_and_evaluate(config, workdir)
-    state_dir = os.path.join(workdir, "checkpoints", "latest", "24", "state")  # epoch 3 of 8 steps
+    state_dir = os.path.join(workdir, "checkpoints", "24", "state")  # epoch 3 of 8 steps
     for folder, _, files in os.walk(state_dir):
         for name in files:
             if name != "commit_success.txt":
                 with open(os.path.join(folder, name), "r+b") as f:
                     f.truncate(max(0, os.path.getsize(f.name) // 3))
-    run = training.prepare_run(config)
+    run = training.make_experiment(config)
     ckpts = checkpoints.Checkpoints(workdir)
     state, meta = ckpts.restore(run.state)
     ckpts.close()
-    assert meta["epoch"] == 2 and int(state.step) == 2 * run.setup.steps_per_epoch
-    assert "latest/24 is unreadable" in caplog.text
+    assert meta["epoch"] == 2 and int(state.step) == 2 * run.plan.steps_per_epoch
+    assert "checkpoint 24 (latest) is unreadable" in caplog.text
     # Resuming with one more epoch redoes epoch 3 from the epoch-2 checkpoint and matches a clean run.
     summary = training.train_and_evaluate(tiny_config(num_epochs=4), workdir)
     clean = training.train_and_evaluate(tiny_config(num_epochs=4), str(tmp_path / "clean"))

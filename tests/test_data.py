@@ -15,12 +15,25 @@ def row_set(images):
 
 
 def test_digits_and_synthetic_splits_are_disjoint_and_fixed():
+    from collections import Counter
+
+    from sklearn.datasets import load_digits as sklearn_digits
     d = data.load_digits()
     assert (len(d.train), len(d.val), len(d.test)) == (1300, 200, 297)
+    rows = lambda images, labels: Counter(zip((img.reshape(-1).tobytes() for img in images), map(int, labels)))
+    raw = sklearn_digits()
+    original = rows(np.round(raw.images * (255.0 / 16.0)).astype(np.uint8), raw.target)
+    # The three splits partition scikit-learn's 1797 images: none in two splits, none left out.
+    assert rows(d.train.images, d.train.labels) + rows(d.val.images, d.val.labels) + \
+        rows(d.test.images, d.test.labels) == original
     again = data.load_digits()
-    np.testing.assert_array_equal(d.val.images, again.val.images)
+    for split, same in zip((d.train, d.val, d.test), (again.train, again.val, again.test)):
+        np.testing.assert_array_equal(split.images, same.images)
+        np.testing.assert_array_equal(split.labels, same.labels)
     s = data.load_synthetic()
     assert (len(s.train), len(s.val), len(s.test)) == (1024, 256, 256)
+    train, val, test = row_set(s.train.images), row_set(s.val.images), row_set(s.test.images)
+    assert len(train) + len(val) + len(test) == 1536 and not (train & val or train & test or val & test)
 
 
 def test_channel_normalisation_comes_from_the_training_split_only():
@@ -174,7 +187,7 @@ def test_train_py_end_to_end_on_generated_files(tmp_path, name, write):
     from tests.conftest import ROOT
     write(str(tmp_path / "data"))
     result = subprocess.run(
-        [sys.executable, "train.py", "--config", "configs/quickstart.py", "--workdir", str(tmp_path / "run"),
+        [sys.executable, "train.py", "--config", "sd_jax/configs/quickstart.py", "--workdir", str(tmp_path / "run"),
          f"--config.dataset={name}", "--config.data_source=files", f"--config.data_dir={tmp_path / 'data'}",
          "--config.depth=8", "--config.num_epochs=1", "--config.lr_boundaries=(2,)"],
         cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -64,3 +64,26 @@ def test_damaged_cache_is_not_trusted(tmp_path):
         data.load_dataset("cifar10", data_dir, "tfds")
     with tfds.testing.mock_data(num_examples=5100):
         assert len(data.load_dataset("cifar10", data_dir, "tfds").val) == 5000
+
+
+@offline
+def test_following_the_offline_advice_in_the_same_workdir_works(tmp_path):
+    """The paper config offline exits 2 and writes nothing, so the advised data_source='files' run
+    can use the same --workdir without --restart."""
+    import subprocess
+    import sys
+
+    from tests import data_fixtures as fx
+    from tests.conftest import ROOT
+    data_dir, workdir = tmp_path / "data", tmp_path / "run"
+    small = ["--config.depth=8", "--config.num_epochs=1", "--config.lr_boundaries=(2,)", f"--config.data_dir={data_dir}"]
+    command = [sys.executable, "train.py", "--config", "sd_jax/configs/cifar10_resnet110_sd.py", "--workdir",
+               str(workdir), *small]
+    offline_run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert offline_run.returncode == 2 and "data_source='files'" in offline_run.stderr, offline_run.stderr[-2000:]
+    assert not workdir.exists()
+    fx.write_folder(str(data_dir), "cifar-10-batches-py", fx.python_batches("cifar10", fx.cifar_arrays(10)))
+    advised = subprocess.run(command + ["--config.data_source=files"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=600)
+    assert advised.returncode == 0, advised.stderr[-3000:]
+    assert len(data.load_dataset("cifar10", str(data_dir), "files").train) == 200

@@ -1,7 +1,6 @@
 """Each detail of the authors' Torch code (yueatsprograms/Stochastic_Depth, 86b5cdd) the config can
 choose, checked against a value derived independently of the code under test."""
 import dataclasses
-import importlib.util
 import json
 import os
 import shutil
@@ -12,9 +11,8 @@ import numpy as np
 import pytest
 
 from sd_jax import records, training
-from sd_jax.config import CONVENTIONS, default_config
+from sd_jax.config import CONVENTIONS, default_config, load_config
 from sd_jax.models import ResNetCIFAR, option_a_shortcut
-from tests.conftest import ROOT
 from tests.test_training import tiny_config
 
 
@@ -81,12 +79,12 @@ def test_cifar_epoch_has_352_steps_and_sees_every_image_once():
     assert training.steps_per_epoch(45_000, 128, True) == 352  # split(128): 351 full + one of 72
     assert training.steps_per_epoch(45_000, 128, False) == 351
     config = tiny_config(batch_size=100)  # 1024 synthetic images: 10 batches of 100 + one of 24
-    run = training.prepare_run(config)
-    assert run.setup.steps_per_epoch == 11
-    perm = np.asarray(training.epoch_permutation(run.keys, 1, run.setup, config.batch_size))
+    run = training.make_experiment(config)
+    assert run.plan.steps_per_epoch == 11
+    perm = np.asarray(training.epoch_permutation(run.keys, 1, run.plan, config.batch_size))
     assert perm.shape == (1100,) and sorted(perm[:1024]) == list(range(1024))
-    train_steps = training.make_train_steps(run.setup, config)
-    _, sums = train_steps(run.state, run.train, run.keys, jnp.asarray(perm), 0, 11)
+    train_steps = training.make_train_steps(run.plan, config)
+    _, sums = train_steps(run.state, run.train_data, run.keys, jnp.asarray(perm), 0, 11)
     assert float(sums["images"]) == 1024 and float(sums["steps"]) == 11
 
 
@@ -94,19 +92,19 @@ def test_partial_batch_step_equals_a_step_on_its_real_images_alone():
     # The padded last batch (8 real images of 32) must update parameters and BatchNorm statistics
     # exactly as a batch of those 8 images alone: the loss is their mean, statistics their own.
     config = tiny_config(batch_size=32, augment_translate=0, augment_flip=False, p_last=0.5)
-    run = training.prepare_run(config)
-    subset = {k: v[:40] if k in ("images", "labels") else v for k, v in run.train.items()}
-    setup = dataclasses.replace(run.setup, num_train=40, steps_per_epoch=2)
+    run = training.make_experiment(config)
+    subset = {k: v[:40] if k in ("images", "labels") else v for k, v in run.train_data.items()}
+    plan = dataclasses.replace(run.plan, num_train=40, steps_per_epoch=2)
     perm = jnp.asarray(np.random.default_rng(1).permutation(40))
     copy = lambda tree: jax.tree.map(jnp.copy, tree)
     padded_perm = jnp.pad(perm, (0, 24))
-    padded, padded_sums = training.make_train_steps(setup, config)(
+    padded, padded_sums = training.make_train_steps(plan, config)(
         copy(run.state), subset, run.keys, padded_perm, 1, 1)
 
     alone_config = tiny_config(batch_size=8, augment_translate=0, augment_flip=False, p_last=0.5,
                                partial_last_batch=False)
-    alone_setup = dataclasses.replace(setup, num_train=8, steps_per_epoch=1)
-    alone, alone_sums = training.make_train_steps(alone_setup, alone_config)(
+    alone_plan = dataclasses.replace(plan, num_train=8, steps_per_epoch=1)
+    alone, alone_sums = training.make_train_steps(alone_plan, alone_config)(
         copy(run.state), subset, run.keys, perm[32:], 0, 1)
     assert float(padded_sums["images"]) == float(alone_sums["images"]) == 8
     assert float(padded_sums["loss"]) == pytest.approx(float(alone_sums["loss"]), rel=1e-5)
@@ -125,15 +123,15 @@ def test_eval_every_steps_cadence_checkpoints_and_exact_resume(tmp_path):
     assert [l["epoch"] for l in lines] == [0.625, 1.25, 1.875, 2.5, 3]
     best = min(reversed(lines), key=lambda l: l["val_error"])
     assert (summary["best_val_step"], summary["test_error_at_best_val"]) == (best["step"], best["test_error"])
-    latest = os.path.join(workdir, "checkpoints", "latest")
-    assert sorted(int(name) for name in os.listdir(latest) if name.isdigit()) == [20, 24]
+    kept = os.path.join(workdir, "checkpoints")  # the latest two and the best
+    assert sorted(int(name) for name in os.listdir(kept) if name.isdigit()) == sorted({20, 24, best["step"]})
 
     # What a kill after step 20's evaluation leaves: its checkpoint and metrics. Resuming redoes 21-24.
     interrupted = str(tmp_path / "interrupted")
     shutil.copytree(workdir, interrupted)
     with open(os.path.join(interrupted, records.METRICS_FILE), "w") as f:  # the line of step 24 is lost too
         f.writelines(json.dumps(line, sort_keys=True) + "\n" for line in lines[:4])
-    shutil.rmtree(os.path.join(interrupted, "checkpoints", "latest", "24"))
+    shutil.rmtree(os.path.join(interrupted, "checkpoints", "24"))
     os.remove(os.path.join(interrupted, records.SUMMARY_FILE))
     training.train_and_evaluate(config, interrupted)
     timing = ("epoch_time_s", "images_per_s")
@@ -141,17 +139,10 @@ def test_eval_every_steps_cadence_checkpoints_and_exact_resume(tmp_path):
     assert [strip(l) for l in records.read_metrics(interrupted)] == [strip(l) for l in lines]
 
 
-def load_config_file(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 @pytest.mark.parametrize("name", ["cifar10_resnet110_sd", "cifar10_resnet110_constant", "cifar100_resnet110_sd",
                                   "cifar100_resnet110_constant", "svhn_resnet152_sd", "svhn_resnet152_constant"])
 def test_paper_configs_follow_the_authors_code(name):
-    config = load_config_file(name)
+    config = load_config(name)
     assert config.convention == "authors"
     assert all(config[key] in (None, value) for key, value in CONVENTIONS["authors"].items())
     svhn = name.startswith("svhn")

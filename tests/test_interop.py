@@ -103,7 +103,7 @@ def test_eval_logits_match_pytorch(depth, p_last):
     x = torch.randn(8, 3, 32, 32)
     with torch.no_grad():
         expected = net(x).numpy()
-    variables = from_torch_state_dict(net.state_dict(), depth, 10, p_last=p_last, mode="linear")
+    variables = from_torch_state_dict(net.state_dict(), depth, 10, p_last=p_last, survival_mode="linear")
     ours = ResNetCIFAR(depth, 10, p_last=p_last).apply(variables, jnp.asarray(x.permute(0, 2, 3, 1).numpy()))
     # float32 rounding grows with the logits (|logit| reaches ~200 at depth 110): bound it relative
     # to their magnitude, never looser than 1e-4 absolute. A wrong layer errs by O(1) relative.

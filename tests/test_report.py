@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from sd_jax import records, report, training
+from sd_jax.config import load_config, resolve_convention
 from tests.conftest import ROOT
 from tests.test_training import tiny_config
 
@@ -54,8 +55,8 @@ def test_table_quotes_the_published_numbers_for_the_same_setting():
 
 
 def test_sweep_runs_both_modes_resumably_and_plots_both_series(tmp_path):
-    command = [sys.executable, "-m", "sd_jax.sweep", "--config", "configs/quickstart.py", "--root",
-               str(tmp_path / "sweep"), "--p_last", "0.3,0.7", "--modes", "linear,uniform",
+    command = [sys.executable, "-m", "sd_jax.sweep", "--config", "sd_jax/configs/quickstart.py", "--root",
+               str(tmp_path / "sweep"), "--p-last", "0.3,0.7", "--modes", "linear,uniform",
                "--config.dataset=synthetic", "--config.depth=8", "--config.num_epochs=1", "--config.lr_boundaries=(2,)"]
     first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -97,12 +98,16 @@ def run_notebook(path, parameters, cwd):
     return namespace
 
 
-def test_quickstart_notebook_runs(tmp_path):
+def test_quickstart_notebook_runs_the_config_file(tmp_path):
     ns = run_notebook(os.path.join(ROOT, "notebooks", "quickstart.ipynb"),
-                      'INSTALL = False\nREPO = ""\nWORKDIR = "run"\nREPORT_DIR = "report"\nDEPTH = 8\nEPOCHS = 2\n',
-                      tmp_path)
+                      'INSTALL = False\nREPO = ""\nWORKDIR = "run"\nREPORT_DIR = "report"\n'
+                      'OVERRIDES = {"depth": 8, "num_epochs": 2}\n', tmp_path)
     assert ns["summary"]["epochs_completed"] == 2
     assert (tmp_path / "report" / "figure3.png").exists()
+    # What ran is sd_jax/configs/quickstart.py with only the overrides changed (no copy to drift).
+    expected = resolve_convention(load_config(os.path.join(ROOT, "sd_jax", "configs", "quickstart.py")))
+    expected.update(depth=8, num_epochs=2)
+    assert records.read_json(str(tmp_path / "run"), records.CONFIG_FILE) == json.loads(expected.to_json_best_effort())
 
 
 def test_reproduce_paper_notebook_runs(tmp_path):
@@ -113,7 +118,10 @@ def test_reproduce_paper_notebook_runs(tmp_path):
                       tmp_path)
     assert "5.25" not in ns["table"]  # no paper row for ResNet-8 on synthetic data
     assert (tmp_path / "report" / "training_time.png").exists()
-    assert records.read_json(str(tmp_path / "s"), records.CONFIG_FILE)["p_last"] == 0.5
+    for workdir, name in (("c", "cifar10_resnet110_constant"), ("s", "cifar10_resnet110_sd")):
+        expected = resolve_convention(load_config(name))
+        expected.update(dataset="synthetic", depth=8, num_epochs=2, lr_boundaries=(2,))
+        assert records.read_json(str(tmp_path / workdir), records.CONFIG_FILE) == json.loads(expected.to_json_best_effort())
 
 
 def test_epoch_time_at_a_step_cadence_is_per_epoch():

@@ -10,10 +10,10 @@ from sd_jax.stochastic_depth import StochasticDepth
 X = jax.random.normal(jax.random.key(0), (8, 8, 8, 4))
 
 
-def make_layer(mode="block", features=8, stride=2):
+def make_layer(drop_mode="block", features=8, stride=2):
     branch = BasicBranch(features, stride, parent=None)
     shortcut = lambda x: option_a_shortcut(x, features, stride)
-    return StochasticDepth(branch, shortcut, mode), branch, shortcut
+    return StochasticDepth(branch, shortcut, drop_mode), branch, shortcut
 
 
 def init(layer):
@@ -100,7 +100,7 @@ def test_warmup_scale_zero_keeps_every_block():
 
 def test_sample_mode_masks_examples_and_rescales():
     p = 0.5
-    layer, branch, shortcut = make_layer(mode="sample")
+    layer, branch, shortcut = make_layer(drop_mode="sample")
     variables = init(layer)
     out, updates = train_apply(layer, variables, p)
     residual, _ = branch.apply(branch_variables(variables), X, train=True, mutable=["batch_stats"])

@@ -22,10 +22,10 @@ def tiny_config(**overrides):
 
 
 def count_conditionals(config):
-    run = training.prepare_run(config)
-    perm = training.epoch_permutation(run.keys, 0, run.setup, config.batch_size)
-    hlo = training.make_train_steps(run.setup, config).lower(
-        run.state, run.train, run.keys, perm, 0, 1).compile().as_text()
+    run = training.make_experiment(config)
+    perm = training.epoch_permutation(run.keys, 0, run.plan, config.batch_size)
+    hlo = training.make_train_steps(run.plan, config).lower(
+        run.state, run.train_data, run.keys, perm, 0, 1).compile().as_text()
     return hlo.count(" conditional(")
 
 
@@ -42,14 +42,14 @@ def test_sample_mode_has_no_conditional():
 
 def test_warmup_starts_with_every_block_active():
     config = tiny_config(p_last=0.05, drop_warmup=0.5, depth=14)
-    run = training.prepare_run(config)
-    train_steps = training.make_train_steps(run.setup, config)
-    perm = training.epoch_permutation(run.keys, 1, run.setup, config.batch_size)
+    run = training.make_experiment(config)
+    train_steps = training.make_train_steps(run.plan, config)
+    perm = training.epoch_permutation(run.keys, 1, run.plan, config.batch_size)
     copy = lambda state: jax.tree.map(jnp.copy, state)  # the train step donates its state
-    _, first = train_steps(copy(run.state), run.train, run.keys, perm, 0, 1)
-    assert float(first["active_blocks"]) == run.setup.model.num_blocks == 6
-    late = run.state.replace(step=jnp.asarray(run.setup.total_steps, jnp.int32))
-    _, later = train_steps(copy(late), run.train, run.keys, perm, 0, 5)
+    _, first = train_steps(copy(run.state), run.train_data, run.keys, perm, 0, 1)
+    assert float(first["active_blocks"]) == run.plan.model.num_blocks == 6
+    late = run.state.replace(step=jnp.asarray(run.plan.total_steps, jnp.int32))
+    _, later = train_steps(copy(late), run.train_data, run.keys, perm, 0, 5)
     assert float(later["active_blocks"]) / 5 < 6 * 0.6  # p ranges from 0.05 to 0.84: 2.7 expected
 
 
@@ -79,7 +79,7 @@ def run_train(args, cwd=ROOT):
 
 def test_quickstart_writes_its_files_and_reaches_target(tmp_path):
     workdir = tmp_path / "quickstart"
-    result = run_train(["--config", "configs/quickstart.py", "--workdir", str(workdir)])
+    result = run_train(["--config", "sd_jax/configs/quickstart.py", "--workdir", str(workdir)])
     assert result.returncode == 0, result.stderr[-3000:]
     config = json.loads((workdir / "config.json").read_text())
     assert config["dataset"] == "digits" and config["depth"] == 20
@@ -114,29 +114,61 @@ def test_quickstart_writes_its_files_and_reaches_target(tmp_path):
 ])
 def test_bad_config_values_exit_2_and_write_nothing(tmp_path, override, message):
     workdir = tmp_path / "run"
-    result = run_train(["--config", "configs/quickstart.py", "--workdir", str(workdir), override])
+    result = run_train(["--config", "sd_jax/configs/quickstart.py", "--workdir", str(workdir), override])
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr
     assert not workdir.exists()
 
 
-def test_unknown_config_key_is_rejected(tmp_path):
-    result = run_train(["--config", "configs/quickstart.py", "--workdir", str(tmp_path / "r"),
+def test_unknown_config_key_or_argument_exits_2_and_writes_nothing(tmp_path):
+    result = run_train(["--config", "sd_jax/configs/quickstart.py", "--workdir", str(tmp_path / "r"),
                         "--config.learning_rat=0.1"])
-    assert result.returncode != 0
-    assert "learning_rat" in result.stderr
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "error: unknown config key 'learning_rat'" in result.stderr and "learning_rate" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run_train(["--config", "sd_jax/configs/quickstart.py", "--workdir", str(tmp_path / "r"), "--epochs=3"])
+    assert result.returncode == 2 and "unrecognized arguments: --epochs=3" in result.stderr
+    result = run_train(["--config", "no_such_config", "--workdir", str(tmp_path / "r")])
+    assert result.returncode == 2 and "no config file 'no_such_config'" in result.stderr and "quickstart" in result.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_checks_that_need_the_data_exit_2_and_write_nothing(tmp_path):
+    """A batch larger than the training split, or num_classes unlike the dataset's: ConfigError,
+    raised after the data is loaded but before the workdir is touched."""
+    for override, message in (("--config.batch_size=5000", "batch_size=5000 exceeds the 1300 training images"),
+                              ("--config.num_classes=7", "num_classes=7 but digits has 10 classes")):
+        result = run_train(["--config", "sd_jax/configs/quickstart.py", "--workdir", str(tmp_path / "r"), override])
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert message in result.stderr and "Traceback" not in result.stderr
+        assert not (tmp_path / "r").exists()
+
+
+def test_a_start_that_failed_before_training_does_not_claim_the_workdir(tmp_path):
+    """A workdir holding only config.json (no metrics, no checkpoint) is no run to protect: a
+    different config starts there without --restart."""
+    workdir = records.Workdir(str(tmp_path / "w"))
+    workdir.check(tiny_config(), restart=False)
+    assert not (tmp_path / "w").exists()  # check() writes nothing
+    workdir.start(tiny_config(data_source="files"))
+    assert records.read_json(str(tmp_path / "w"), records.CONFIG_FILE)["data_source"] == "files"
+    workdir.check(tiny_config(), restart=False)  # a lone config.json: accepted
+    workdir.start(tiny_config())
+    assert records.read_json(str(tmp_path / "w"), records.CONFIG_FILE)["data_source"] == "tfds"
+    (tmp_path / "w" / records.METRICS_FILE).write_text("{}\n")  # now a run has trained here
+    with pytest.raises(records.WorkdirError, match="data_source: 'tfds' -> 'files'"):
+        workdir.check(tiny_config(data_source="files"), restart=False)
 
 
 def test_unwritable_workdir_and_existing_run(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    result = run_train(["--config", "configs/quickstart.py", "--workdir", str(blocker / "run")])
+    result = run_train(["--config", "sd_jax/configs/quickstart.py", "--workdir", str(blocker / "run")])
     assert result.returncode == 2 and "not writable" in result.stderr
     done = tmp_path / "done"
     done.mkdir()
     (done / records.METRICS_FILE).write_text("{}\n")
-    result = run_train(["--config", "configs/quickstart.py", "--workdir", str(done)])
+    result = run_train(["--config", "sd_jax/configs/quickstart.py", "--workdir", str(done)])
     assert result.returncode == 2 and "no config.json" in result.stderr
     assert (done / records.METRICS_FILE).read_text() == "{}\n"
 
@@ -177,3 +209,12 @@ def test_bfloat16_training_runs_and_learns(tmp_path):
     lines = records.read_metrics(str(tmp_path))
     assert all(np.isfinite(l["train_loss"]) for l in lines)
     assert lines[-1]["train_loss"] < lines[0]["train_loss"]
+
+
+def test_old_public_names_still_import():
+    from sd_jax import records as old_records, schedules, survival
+    assert (training.Setup, training.Run, training.prepare_run) == (
+        training.TrainingPlan, training.Experiment, training.make_experiment)
+    assert (training.build_model, training.create_train_state) == (training.make_model, training.make_train_state)
+    assert old_records.RunDir is old_records.Workdir
+    assert schedules.survival_probabilities is survival.survival_probabilities

@@ -1,0 +1,19 @@
+"""What `pip install` of this repository ships: the notebooks (Colab) need the configs and the
+reference numbers from the installed package, not from a checkout."""
+import subprocess
+import sys
+import zipfile
+
+from sd_jax.config import config_names
+from tests.conftest import ROOT
+
+
+def test_wheel_ships_the_configs_and_the_reference_results(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
+                             "-w", str(tmp_path), ROOT], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (wheel,) = tmp_path.glob("sd_jax-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "sd_jax/reference_results.json" in names
+    assert {f"sd_jax/configs/{name}.py" for name in config_names()} <= names
+    assert "quickstart" in config_names() and len(config_names()) == 8
