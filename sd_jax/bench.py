@@ -12,7 +12,6 @@ import datetime
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import time
 
@@ -20,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sd_jax import cli, compiler, parallel, training
+from sd_jax import cli, compiler, parallel, provenance, training
 from sd_jax.config import ConfigError, default_config, resolve_convention
 from sd_jax.models import blocks_per_stage
 from sd_jax.survival import survival_probabilities
@@ -192,11 +191,10 @@ def run(args):
         results[(framework, name)] = row
         print(json.dumps(row), flush=True)
     summary = {"summary": True, "depth": args.depth, "batch_size": args.batch_size, "dtype": args.dtype,
-               "backend": jax.default_backend(), "device_kind": device.device_kind, "jax": jax.__version__,
-               "machine": platform.node(), "cpu_count": os.cpu_count(),
+               **provenance.provenance(), "cpu_count": os.cpu_count(),
                "date": datetime.date.today().isoformat(), "scan_blocks": args.scan_blocks,
-               "conv_grads": args.conv_grads, "compiler_options": compiler.compiler_options(),
-               "compiler_options_mode": args.compiler_options, "batch_mask": args.batch_mask,
+               "conv_grads": args.conv_grads, "compiler_options_mode": args.compiler_options,
+               "batch_mask": args.batch_mask,
                "peer_channels_last": args.peer_channels_last, "steps": args.steps, "rounds": args.rounds}
     for framework in ("jax", args.peer):
         const, sd = results.get((framework, "constant")), results.get((framework, "stochastic"))

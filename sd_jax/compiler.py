@@ -67,3 +67,11 @@ def compiler_options() -> dict:
 def jit(fun, **kwargs):
     """`jax.jit` with the project's compiler options for the default backend."""
     return jax.jit(fun, compiler_options=compiler_options() or None, **kwargs)
+
+
+def use_compilation_cache(directory: str) -> None:
+    """Keep compiled programs in JAX's persistent cache under `directory` (~ expanded), so that a
+    second start of the same run loads them instead of compiling (README, "Start-up"). "" leaves
+    the cache off; a cache directory already set (JAX_COMPILATION_CACHE_DIR) is the user's."""
+    if directory and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))

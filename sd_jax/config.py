@@ -77,6 +77,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval_batch_size = 1000
     c.eval_every_steps = 0  # 0: evaluate after every epoch; N: every N training steps (the authors' SVHN: 200)
     c.checkpoint_every_epochs = 1
+    # JAX's persistent compilation cache: a second start of the same run skips XLA compilation.
+    # "" turns it off; JAX_COMPILATION_CACHE_DIR, when set, is used instead.
+    c.compilation_cache_dir = "~/.cache/sd_jax/jax"
     return c
 
 

@@ -10,7 +10,7 @@ SUMMARY_FILE = "summary.json"
 CHECKPOINT_DIR = "checkpoints"
 # Config keys that may change when a run is resumed: they do not change its results.
 RESUMABLE_KEYS = frozenset({"num_epochs", "steps_per_call", "eval_batch_size", "data_dir",
-                            "checkpoint_every_epochs"})
+                            "checkpoint_every_epochs", "compilation_cache_dir"})
 
 
 class WorkdirError(OSError):

@@ -14,8 +14,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
-from sd_jax import cli, records  # noqa: E402
+from sd_jax import cli, provenance, records  # noqa: E402
 from sd_jax.bench import expected_step_ratio  # noqa: E402
 
 
@@ -59,25 +60,38 @@ def references_for(run: RunRecord, kind: str = "test_error") -> dict:
             and r["p_last"] == c["p_last"]}
 
 
-def plot_figure3(runs, path: str) -> None:
-    """Test error against epoch, constant depth dashed, the best-validation epoch marked (paper Fig. 3)."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+def plot_figure3(runs, path: str) -> dict:
+    """The paper's Figure 3: test error (top) and training loss (bottom, log scale) against epoch,
+    constant depth dashed. A dot marks each run's evaluation of lowest validation error; its test
+    error is written in the legend, not beside the dot, so labels of runs ending close together
+    cannot overlap. Returns {panel: (y label, legend texts)}."""
+    fig, (error_ax, loss_ax) = plt.subplots(2, 1, figsize=(7.5, 7.5), sharex=True,
+                                            gridspec_kw={"height_ratios": (3, 2)})
     for run in runs:
         epochs = [m["epoch"] for m in run.metrics]
-        line, = ax.plot(epochs, [m["test_error"] for m in run.metrics], label=run.label,
-                        linestyle="--" if run.schedule == "constant" else "-")
-        best = run.summary["best_val_epoch"]
-        ax.plot([best], [run.summary["test_error_at_best_val"]], marker="o", color=line.get_color())
-        ax.annotate(f"{run.summary['test_error_at_best_val']:.2f}%", (best, run.summary["test_error_at_best_val"]),
-                    textcoords="offset points", xytext=(-4, 7), ha="right", color=line.get_color(), fontsize=8)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test error (%)")
-    ax.set_title(f"{runs[0].config['dataset']}: test error (dot: epoch of lowest validation error)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        style = "--" if run.schedule == "constant" else "-"
+        best, best_error = run.summary["best_val_epoch"], run.summary["test_error_at_best_val"]
+        line, = error_ax.plot(epochs, [m["test_error"] for m in run.metrics], style,
+                              label=f"{run.label}: {best_error:.2f}% at epoch {best}")
+        error_ax.plot([best], [best_error], "o", color=line.get_color())
+        loss_ax.plot(epochs, [m["train_loss"] for m in run.metrics], style, color=line.get_color(), label=run.label)
+    error_ax.set(ylabel="test error (%)",
+                 title=f"{runs[0].config['dataset']}: test error and training loss "
+                       "(dot and legend: test error at the lowest validation error)")
+    error_ax.title.set_fontsize(9)
+    loss_ax.set(xlabel="epoch", ylabel="training loss", yscale="log")
+    loss_ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    loss_ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    loss_ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    panels = {}
+    for name, ax in (("error", error_ax), ("loss", loss_ax)):
+        ax.grid(alpha=0.3)
+        legend = ax.legend(fontsize=8)
+        panels[name] = (ax.get_ylabel(), [text.get_text() for text in legend.get_texts()])
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return panels
 
 
 def seconds_per_epoch(metrics) -> list:
@@ -132,8 +146,8 @@ def table_markdown(runs) -> str:
     """One row per run with its numbers and the published ones for the same setting."""
     sources = reference_results()["sources"]
     header = ("| run | dataset | depth | p_L | schedule | epochs | test error at best val (%) | best val epoch "
-              "| final test error (%) | train time | paper (%) | PyTorch reimplementations (%) |")
-    lines = [header, "|" + "---|" * 12]
+              "| final test error (%) | train time | hardware | paper (%) | PyTorch reimplementations (%) |")
+    lines = [header, "|" + "---|" * 13]
     for run in runs:
         refs = references_for(run)
         paper = f"{refs['paper']:.2f}" if "paper" in refs else "–"
@@ -143,7 +157,11 @@ def table_markdown(runs) -> str:
         lines.append(f"| {os.path.basename(os.path.normpath(run.workdir))} | {c['dataset']} | {c['depth']} "
                      f"| {c['p_last']:g} | {run.schedule} | {s['epochs_completed']} | {s['test_error_at_best_val']:.2f} "
                      f"| {s['best_val_epoch']} | {s['final_test_error']:.2f} | {format_duration(s['train_time_s'])} "
-                     f"| {paper} | {torch} |")
+                     f"| {provenance.hardware(s.get('provenance'))} | {paper} | {torch} |")
+    differences = provenance.differences([run.summary.get("provenance") for run in runs])
+    if len(runs) > 1 and differences:
+        lines.append("\n**Warning: these runs differ in hardware or software**, so their times (and possibly "
+                     "their errors) are not like for like: " + "; ".join(differences) + ".")
     for run, measured, expected in time_ratios(runs):
         lines.append(f"\nTraining time of {run.label}: {measured:.3f} x constant depth (mean epoch time), "
                      f"expected {expected:.3f} from the survival probabilities.")

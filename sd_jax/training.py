@@ -17,7 +17,7 @@ import optax
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sd_jax import augment, checkpoints, compiler, data, parallel, records
+from sd_jax import augment, checkpoints, compiler, data, parallel, provenance, records
 from sd_jax.config import ConfigError, resolve_convention, validate
 from sd_jax.models import ResNetCIFAR, active_blocks, count_params
 from sd_jax.survival import drop_scale, expected_active_blocks
@@ -428,6 +428,9 @@ def log_start(experiment: Experiment) -> None:
              len(dataset.test), config.depth, count_params(experiment.state.params), plan.model.num_blocks,
              expected_active_blocks(plan.model.num_blocks, config.p_last, config.survival_mode),
              plan.steps_per_epoch, plan.mesh.size, jax.devices()[0].device_kind)
+    ran_on = provenance.provenance()
+    log.info("on %s; %s; commit %s", provenance.hardware(ran_on),
+             ", ".join(f"{name} {version}" for name, version in ran_on["versions"].items()), ran_on["git_commit"])
 
 
 def resume(experiment: Experiment, workdir: records.Workdir, ckpts: checkpoints.Checkpoints):
@@ -458,6 +461,7 @@ def finish(experiment: Experiment, workdir: records.Workdir, history: list, comp
     config, plan = experiment.config, experiment.plan
     summary = records.summarize(history)
     summary.update(num_params=count_params(experiment.state.params), compile_s=compile_s,
+                   provenance=provenance.provenance(),
                    expected_active_blocks=expected_active_blocks(plan.model.num_blocks, config.p_last,
                                                                  config.survival_mode),
                    wall_time_s=time.perf_counter() - wall_start)
@@ -474,6 +478,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, restart:
     the workdir and the data have passed every check."""
     validate(config, data.DATASETS, jax.device_count())
     resolve_convention(config)
+    compiler.use_compilation_cache(config.compilation_cache_dir)
     run_files = records.Workdir(workdir, parallel.is_primary())
     run_files.check(config, restart)
     wall_start = time.perf_counter()

@@ -148,3 +148,14 @@ def test_incompatible_resume_names_keys_and_restart_starts_over(tmp_path, finish
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert [l["epoch"] for l in records.read_metrics(str(workdir))] == [1, 2]
+
+
+def test_evaluate_exit_codes_follow_the_one_table(tmp_path, capsys):
+    """2: the workdir holds no run (bad input); 3: a run whose checkpoints cannot be used (as train.py)."""
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--workdir", str(tmp_path / "nothing_here")])
+    assert exit_info.value.code == 2 and "holds no config.json" in capsys.readouterr().err
+    records.Workdir(str(tmp_path / "started")).start(tiny_config())
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--workdir", str(tmp_path / "started")])
+    assert exit_info.value.code == 3 and "no latest checkpoint" in capsys.readouterr().err

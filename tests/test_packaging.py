@@ -4,6 +4,7 @@ import subprocess
 import sys
 import zipfile
 
+import sd_jax
 from sd_jax.config import config_names
 from tests.conftest import ROOT
 
@@ -13,6 +14,7 @@ def test_wheel_ships_the_configs_and_the_reference_results(tmp_path):
                              "-w", str(tmp_path), ROOT], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     (wheel,) = tmp_path.glob("sd_jax-*.whl")
+    assert wheel.name.startswith(f"sd_jax-{sd_jax.__version__}-")  # pyproject reads the package's version
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "sd_jax/reference_results.json" in names
     assert {f"sd_jax/configs/{name}.py" for name in config_names()} <= names

@@ -8,6 +8,7 @@ import pytest
 
 from sd_jax import records, report, training
 from sd_jax.config import load_config, resolve_convention
+from tests import notebooks
 from tests.conftest import ROOT
 from tests.test_training import tiny_config
 
@@ -45,6 +46,29 @@ def test_report_files_and_table_numbers(two_runs, tmp_path):
     assert ratio and float(ratio.group(2)) == pytest.approx(report.expected_step_ratio(8, 0.5, "linear"), abs=5e-4)
 
 
+def test_figure3_draws_test_error_and_training_loss_with_the_best_epoch_in_the_legend(two_runs, tmp_path):
+    runs = [report.load_run(w) for w in two_runs]
+    panels = report.plot_figure3(runs, str(tmp_path / "figure3.png"))
+    assert panels["error"][0] == "test error (%)" and panels["loss"][0] == "training loss"
+    for run, text in zip(runs, panels["error"][1]):
+        best = min(reversed(run.metrics), key=lambda m: m["val_error"])  # ties: the later evaluation
+        assert text == f"{run.label}: {best['test_error']:.2f}% at epoch {best['epoch']}"
+    assert panels["loss"][1] == [run.label for run in runs]
+
+
+def test_table_shows_the_hardware_and_warns_when_runs_differ(two_runs, tmp_path):
+    table = report.write_report(two_runs, str(tmp_path / "same"))
+    ran_on = records.read_json(two_runs[0], records.SUMMARY_FILE)["provenance"]
+    assert f"| 1 x {ran_on['device_kind']} ({ran_on['backend']}) |" in table and "Warning" not in table
+    runs = [report.load_run(w) for w in two_runs]
+    runs[1].summary["provenance"] = dict(runs[1].summary["provenance"], device_kind="NVIDIA H100", device_count=8,
+                                         versions={**ran_on["versions"], "jax": "0.11.0"})
+    table = report.table_markdown(runs)
+    assert "| 8 x NVIDIA H100 (" in table and "**Warning: these runs differ in hardware or software**" in table
+    assert f"device_kind: {ran_on['device_kind']} vs NVIDIA H100" in table and "device_count: 1 vs 8" in table
+    assert "'jax': '0.11.0'" in table and "backend" not in table.split("Warning")[1]
+
+
 def test_table_quotes_the_published_numbers_for_the_same_setting():
     run = report.RunRecord("w", {"dataset": "cifar10", "depth": 110, "p_last": 0.5, "survival_mode": "linear"},
                            [], {})
@@ -80,22 +104,20 @@ def test_report_cli_errors_on_an_unfinished_workdir(tmp_path):
 
 def run_notebook(path, parameters, cwd):
     """Execute a notebook's code cells in order, its "parameters" cell replaced by `parameters`."""
-    with open(path) as f:
-        notebook = json.load(f)
-    namespace = {"__name__": "__main__"}
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        for cell in notebook["cells"]:
-            if cell["cell_type"] != "code":
-                continue
-            source = "".join(cell["source"])
-            if "parameters" in cell.get("metadata", {}).get("tags", []):
-                source = parameters
-            exec(compile(source, f"{os.path.basename(path)} cell", "exec"), namespace)
-    finally:
-        os.chdir(old)
+    namespace, _ = notebooks.execute(path, str(cwd), parameters)
     return namespace
+
+
+def test_stored_quickstart_shows_outputs_made_by_its_code():
+    """The quickstart is stored executed (GitHub shows its figures); its outputs must come from the
+    code cells as they are: regenerate with `python -m tests.notebooks notebooks/quickstart.ipynb`."""
+    with open(os.path.join(ROOT, "notebooks", "quickstart.ipynb")) as f:
+        notebook = json.load(f)
+    assert notebook["metadata"]["sd_jax"]["code_digest"] == notebooks.code_digest(notebook), \
+        "the quickstart's code changed since its outputs were stored: run python -m tests.notebooks notebooks/quickstart.ipynb"
+    outputs = [o for cell in notebooks.code_cells(notebook) for o in cell["outputs"]]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 2  # figure 3 and the training times
+    assert any("test error at best validation" in o.get("text", "") for o in outputs)
 
 
 def test_quickstart_notebook_runs_the_config_file(tmp_path):

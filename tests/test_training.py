@@ -1,14 +1,16 @@
 import json
 import os
+import platform
 import subprocess
 import sys
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sd_jax import data, records, training
+from sd_jax import compiler, data, records, training
 from sd_jax.config import default_config
 from tests.conftest import ROOT
 
@@ -99,6 +101,14 @@ def test_quickstart_writes_its_files_and_reaches_target(tmp_path):
     assert summary["train_time_s"] == pytest.approx(sum(l["epoch_time_s"] for l in lines))
     assert summary["test_error_at_best_val"] < 3.0  # the authors' conventions (the default) learn digits
     assert "epoch 30/30" in result.stderr
+    ran_on = summary["provenance"]  # what it ran on, checked against this process's own view
+    assert (ran_on["backend"], ran_on["device_count"], ran_on["process_count"]) == (jax.default_backend(), 1, 1)
+    assert ran_on["device_kind"] == jax.devices()[0].device_kind and ran_on["python"] == platform.python_version()
+    assert ran_on["versions"]["jax"] == jax.__version__ and ran_on["versions"]["flax"] == flax.__version__
+    head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0 and os.path.isdir(os.path.join(ROOT, ".git")):
+        assert ran_on["git_commit"].split("-")[0] == head.stdout.strip()
+    assert ran_on["compiler_options"] == compiler.compiler_options()
 
 
 @pytest.mark.parametrize("override,message", [
@@ -218,3 +228,19 @@ def test_old_public_names_still_import():
     assert (training.build_model, training.create_train_state) == (training.make_model, training.make_train_state)
     assert old_records.RunDir is old_records.Workdir
     assert schedules.survival_probabilities is survival.survival_probabilities
+
+
+def test_compilation_cache_is_written_where_configured_and_can_be_turned_off(tmp_path):
+    """The default cache lives under ~/.cache/sd_jax/jax (HOME points into tmp_path here); "" writes none."""
+    quick = ["--config", "quickstart", "--config.num_epochs=1", "--config.lr_boundaries=(2,)"]
+    for name, extra in (("on", []), ("off", ["--config.compilation_cache_dir="])):
+        env = {**os.environ, "HOME": str(tmp_path / name)}
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)
+        result = subprocess.run([sys.executable, "train.py", *quick, "--workdir", str(tmp_path / name / "run"), *extra],
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        cache = tmp_path / name / ".cache" / "sd_jax" / "jax"
+        if name == "on":
+            assert any(entry.name.startswith("jit_train_steps-") for entry in cache.iterdir())
+        else:
+            assert not cache.exists()

@@ -1,0 +1,79 @@
+"""What a run or benchmark ran on: the devices, the software versions, the code's commit and the
+compiler options, so that numbers can be compared like with like (summary.json, bench output)."""
+import importlib.metadata
+import os
+import platform
+import subprocess
+
+import jax
+
+import sd_jax
+from sd_jax import compiler
+
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint")
+HARDWARE_KEYS = ("backend", "device_kind", "device_count", "process_count")
+SOFTWARE_KEYS = ("python", "versions", "compiler_options")
+
+
+def package_version(name: str):
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def git_commit():
+    """The commit of the checkout sd_jax runs from ("-dirty" with uncommitted changes to tracked
+    files); None when it is not run from a git checkout (an installed package)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*args):
+        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=30)
+
+    try:
+        top = git("rev-parse", "--show-toplevel")
+        if top.returncode != 0 or os.path.realpath(top.stdout.strip()) != os.path.realpath(root):
+            return None
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return git("rev-parse", "HEAD").stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def provenance() -> dict:
+    devices = jax.devices()
+    return {
+        "backend": jax.default_backend(),
+        "device_kind": devices[0].device_kind,
+        "device_count": len(devices),
+        "process_count": jax.process_count(),
+        "python": platform.python_version(),
+        "versions": {**{name: package_version(name) for name in PACKAGES}, "sd_jax": sd_jax.__version__},
+        "git_commit": git_commit(),
+        "compiler_options": compiler.compiler_options(),
+        "host": platform.node(),
+    }
+
+
+def hardware(record: dict) -> str:
+    """"2 x NVIDIA H100 (gpu)"; "unknown" for a record without provenance (older runs)."""
+    if not record:
+        return "unknown"
+    processes = f", {record['process_count']} processes" if record["process_count"] > 1 else ""
+    return f"{record['device_count']} x {record['device_kind']} ({record['backend']}{processes})"
+
+
+def differences(records: list) -> list:
+    """The hardware and software keys on which the records disagree, as "key: a vs b" lines."""
+    known = [r for r in records if r]
+    lines = []
+    for key in HARDWARE_KEYS + SOFTWARE_KEYS:
+        values = []
+        for record in known:
+            if record.get(key) not in values:
+                values.append(record.get(key))
+        if len(values) > 1:
+            lines.append(f"{key}: " + " vs ".join(str(v) for v in values))
+    if len(known) < len(records) and known:
+        lines.append("some runs record no provenance (older runs)")
+    return lines
