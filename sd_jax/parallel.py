@@ -18,9 +18,13 @@ def multi_process_environment() -> bool:
 
 
 def initialize_distributed(requested: bool) -> None:
-    """Join the multi-process job: `jax.distributed.initialize()` reads the cluster from the environment."""
+    """Join the multi-process job: `jax.distributed.initialize()` reads the cluster from the
+    environment (TPU pods, SLURM, Open MPI, ...). Elsewhere set JAX_COORDINATOR_ADDRESS=host:port,
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID in each process, as torchrun's variables do for PyTorch."""
     if requested or multi_process_environment():
-        jax.distributed.initialize()
+        count, index = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
+        jax.distributed.initialize(num_processes=None if count is None else int(count),
+                                   process_id=None if index is None else int(index))
 
 
 def make_mesh() -> Mesh:
@@ -32,6 +36,16 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
+def put(value, mesh: Mesh, spec: PartitionSpec = PartitionSpec()):
+    """A global array laid out on the mesh as `spec` says, from a value every process holds whole
+    (numpy, or a jax array on a local device): each device gets its slice of the host copy, so it
+    works across processes, where `jax.device_put` cannot reach other processes' devices."""
+    if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(put(jax.random.key_data(value), mesh, spec), impl=jax.random.key_impl(value))
+    host = np.asarray(value)
+    return jax.make_array_from_callback(host.shape, NamedSharding(mesh, spec), lambda index: host[index])
+
+
 def replicate(tree, mesh: Mesh):
     """A full copy of every array on every device of the mesh (the same value in every process)."""
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+    return jax.tree.map(lambda leaf: put(leaf, mesh), tree)

@@ -228,9 +228,9 @@ def device_eval_split(split: data.Split, batch_size: int, mesh: Mesh) -> dict:
     pad = batches * batch_size - n
     images = np.concatenate([split.images, np.zeros((pad,) + split.images.shape[1:], np.uint8)])
     labels = np.concatenate([split.labels, -np.ones(pad, np.int32)])
-    sharding = NamedSharding(mesh, PartitionSpec(None, parallel.AXIS))
-    return {"images": jax.device_put(images.reshape((batches, batch_size) + images.shape[1:]), sharding),
-            "labels": jax.device_put(labels.reshape(batches, batch_size), sharding)}
+    spec = PartitionSpec(None, parallel.AXIS)
+    return {"images": parallel.put(images.reshape((batches, batch_size) + images.shape[1:]), mesh, spec),
+            "labels": parallel.put(labels.reshape(batches, batch_size), mesh, spec)}
 
 
 EVAL_SPLITS = ("val", "test")

@@ -1,0 +1,116 @@
+"""Multi-process training, proven on this machine: two train.py processes joined by
+jax.distributed (localhost coordinator, CPU collectives over gloo), one CPU device each."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from sd_jax import checkpoints, records, training
+from tests.conftest import ROOT
+from tests.test_training import tiny_config
+
+TIMING = ("epoch_time_s", "images_per_s", "train_time_s", "compile_s", "wall_time_s", "provenance")
+SETTINGS = dict(num_epochs=4, compilation_cache_dir="")
+OVERRIDES = ["--config.dataset=synthetic", "--config.depth=8", "--config.num_epochs=4", "--config.lr_boundaries=(2,)",
+             "--config.steps_per_call=3", "--config.eval_batch_size=100", "--config.compilation_cache_dir="]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_pair(workdir):
+    """Two train.py processes of one job, as a user starts them on two hosts."""
+    port = free_port()
+    processes = []
+    for index in range(2):
+        env = {**os.environ, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+               "JAX_PROCESS_ID": str(index), "XLA_FLAGS": ""}
+        processes.append(subprocess.Popen(
+            [sys.executable, "train.py", "--config", "quickstart", *OVERRIDES, "--workdir", str(workdir)],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return processes
+
+
+def finish(processes):
+    results = [p.communicate(timeout=600) for p in processes]
+    for p, (_, err) in zip(processes, results):
+        assert p.returncode == 0, err[-3000:]
+    return [err for _, err in results]
+
+
+def without_timing(record):
+    return {k: v for k, v in record.items() if k not in TIMING}
+
+
+@pytest.fixture(scope="module")
+def pair_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("pair") / "run"
+    return workdir, finish(start_pair(workdir))
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("single") / "run")
+    training.train_and_evaluate(tiny_config(**SETTINGS), workdir)
+    return workdir
+
+
+def test_two_processes_train_as_one(pair_run, single_run):
+    workdir, (primary_log, other_log) = pair_run
+    single = single_run
+    got, want = records.read_metrics(str(workdir)), records.read_metrics(single)
+    assert [line["step"] for line in got] == [line["step"] for line in want] == [8, 16, 24, 32]  # one writer
+    for a, b in zip(got, want):  # the same run up to float summation order across the two devices
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert abs(a["val_error"] - b["val_error"]) <= 100 / 256 and abs(a["test_error"] - b["test_error"]) <= 100 / 256
+    summary = records.read_json(str(workdir), records.SUMMARY_FILE)
+    assert (summary["provenance"]["process_count"], summary["provenance"]["device_count"]) == (2, 2)
+    assert "epoch 4/4" in primary_log and "epoch 4/4" not in other_log  # only process 0 logs progress
+
+
+def test_checkpoint_of_two_processes_restores_in_one(pair_run, single_run):
+    workdir, _ = pair_run
+    single = single_run
+    experiment = training.make_experiment(tiny_config(**SETTINGS))
+    restored = {}
+    for name, path in (("pair", str(workdir)), ("single", single)):
+        ckpts = checkpoints.Checkpoints(path)
+        state, meta = ckpts.restore(experiment.state)
+        ckpts.close()
+        assert meta["step"] == int(state.step) == 32
+        restored[name] = jax.device_get(state.params)
+    for a, b in zip(jax.tree.leaves(restored["pair"]), jax.tree.leaves(restored["single"])):
+        np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-4)
+
+
+def test_sigkill_of_one_process_then_restart_of_both_resumes_exactly(pair_run, tmp_path):
+    reference, _ = pair_run
+    workdir = tmp_path / "killed"
+    first, second = start_pair(workdir)
+    metrics = workdir / records.METRICS_FILE
+    deadline = time.time() + 300
+    while time.time() < deadline and first.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.02)
+    assert first.poll() is None and second.poll() is None, "the job ended before it could be killed"
+    second.send_signal(signal.SIGKILL)  # one host dies; its peer then stalls in a collective and is stopped
+    first.send_signal(signal.SIGKILL)
+    for p in (first, second):
+        p.communicate()
+    assert not (workdir / records.SUMMARY_FILE).exists()
+    primary_log, _ = finish(start_pair(workdir))
+    assert "resuming from the checkpoint of epoch" in primary_log
+    got, want = records.read_metrics(str(workdir)), records.read_metrics(str(reference))
+    assert [without_timing(line) for line in got] == [without_timing(line) for line in want]
+    assert (without_timing(records.read_json(str(workdir), records.SUMMARY_FILE))
+            == without_timing(records.read_json(str(reference), records.SUMMARY_FILE)))
