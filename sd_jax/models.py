@@ -42,10 +42,13 @@ def option_a_shortcut(x, features: int, stride: int, downsample: str = "subsampl
 
 def bn_scale_initializer(name: str):
     """"uniform" in [0, 1): Torch7's BatchNormalization:reset(), which the authors' code left in
-    place (their README explains why); "ones": PyTorch and Flax."""
-    if name not in BN_SCALE_INITS:
+    place (their README explains why); "ones": PyTorch and Flax; "zeros": the last BN of a
+    residual branch under zero_init_residual (the ImageNet models)."""
+    initializers = {"uniform": nn.initializers.uniform(1.0), "ones": nn.initializers.ones,
+                    "zeros": nn.initializers.zeros}
+    if name not in initializers:
         raise ValueError(f"bn_scale_init must be one of {BN_SCALE_INITS}, got {name!r}")
-    return nn.initializers.uniform(1.0) if name == "uniform" else nn.initializers.ones
+    return initializers[name]
 
 
 def batch_norm(train: bool, dtype, name: str, axis_name=None, scale_init: str = "uniform"):
@@ -109,42 +112,32 @@ class ScannedStochasticDepth(StochasticDepth):
 
 
 class Stage(nn.Module):
-    """n stochastic-depth basic blocks of one width; the first one may downsample.
+    """n stochastic-depth blocks: the first with its own branch and shortcut (it may change the
+    shape), then n - 1 identical ones. Shared by the CIFAR and ImageNet models.
 
-    With `scan_blocks`, blocks 2..n (identical in shape) run under `nn.scan` with their survival
-    probabilities as the scanned input, so compile time does not grow with depth.
+    Branches are unbound Linen modules (`parent=None`), adopted by each block; shortcuts are
+    functions or modules (see `StochasticDepth`). With `scan_blocks`, blocks 2..n run under
+    `nn.scan` with their survival probabilities as the scanned input, so compile time does not grow
+    with depth.
     """
 
-    features: int
-    stride: int
+    first_branch: nn.Module
+    first_shortcut: Any
+    branch: nn.Module
+    shortcut: Any
     survival_probs: tuple
     train: bool
     drop_mode: str = "block"
-    dtype: Any = jnp.float32
-    conv_grads: str = "auto"
     scan_blocks: bool = False
-    bn_axis_name: Optional[str] = None
-    bn_scale_init: str = "uniform"
-    conv_init_fan: str = "fan_in"
-    shortcut_downsample: str = "subsample"
-
-    def _branch(self, stride):
-        return JittedBranch(self.features, stride, self.dtype, self.conv_grads, self.bn_axis_name,
-                            self.bn_scale_init, self.conv_init_fan, parent=None)
-
-    def _shortcut(self, stride):
-        return functools.partial(option_a_shortcut, features=self.features, stride=stride,
-                                 downsample=self.shortcut_downsample)
 
     @nn.compact
     def __call__(self, x, drop_scale, mask=None):
-        first = StochasticDepth(self._branch(self.stride), self._shortcut(self.stride), self.drop_mode,
-                                name="block0")
+        first = StochasticDepth(self.first_branch, self.first_shortcut, self.drop_mode, name="block0")
         x = first(x, self.survival_probs[0], train=self.train, drop_scale=drop_scale, mask=mask)
         rest = self.survival_probs[1:]
         if not self.scan_blocks:
             for i, p in enumerate(rest, start=1):
-                block = StochasticDepth(self._branch(1), self._shortcut(1), self.drop_mode, name=f"block{i}")
+                block = StochasticDepth(self.branch, self.shortcut, self.drop_mode, name=f"block{i}")
                 x = block(x, p, train=self.train, drop_scale=drop_scale, mask=mask)
             return x
         if not rest:
@@ -155,7 +148,7 @@ class Stage(nn.Module):
             split_rngs={"params": True, "drop": True},
             in_axes=(0, nn.broadcast, nn.broadcast),
             length=len(rest),
-        )(self._branch(1), self._shortcut(1), self.drop_mode, train=self.train, name="blocks")
+        )(self.branch, self.shortcut, self.drop_mode, train=self.train, name="blocks")
         x, _ = blocks(x, jnp.asarray(rest, jnp.float32), drop_scale, mask)
         return x
 
@@ -205,11 +198,13 @@ class ResNetCIFAR(nn.Module):
                     name="conv1")(x)
         x = nn.relu(batch_norm(train, self.dtype, "bn1", self.bn_axis_name, self.bn_scale_init)(x, mask))
         for s, features in enumerate(STAGE_FEATURES):
-            x = Stage(
-                features, 1 if s == 0 else 2, tuple(probs[s * n:(s + 1) * n]), train, self.drop_mode,
-                self.dtype, self.conv_grads, self.scan_blocks, self.bn_axis_name, self.bn_scale_init,
-                self.conv_init_fan, self.shortcut_downsample, name=f"stage{s + 1}",
-            )(x, drop_scale, mask)
+            branch = lambda stride: JittedBranch(features, stride, self.dtype, self.conv_grads, self.bn_axis_name,
+                                                 self.bn_scale_init, self.conv_init_fan, parent=None)
+            shortcut = lambda stride: functools.partial(option_a_shortcut, features=features, stride=stride,
+                                                        downsample=self.shortcut_downsample)
+            stride = 1 if s == 0 else 2
+            x = Stage(branch(stride), shortcut(stride), branch(1), shortcut(1), tuple(probs[s * n:(s + 1) * n]),
+                      train, self.drop_mode, self.scan_blocks, name=f"stage{s + 1}")(x, drop_scale, mask)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         return classifier(self.num_classes, STAGE_FEATURES[-1], self.classifier_init)(x)
 

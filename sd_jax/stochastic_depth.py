@@ -1,5 +1,5 @@
 """A residual connection with stochastic depth around any residual branch (a Flax Linen layer)."""
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import flax.linen as nn
 import jax
@@ -18,22 +18,27 @@ class StochasticDepth(nn.Module):
     """out = activation(shortcut(x) + f(x)), where the branch f survives with probability p.
 
     `branch` is any Linen module called as `branch(x, train=...)`; it is adopted as the submodule
-    `f`. `shortcut` is a parameter-free function. Drop modes (`drop_mode`):
+    `f`. `shortcut` is a parameter-free function (the CIFAR nets' identity or option A) or a Linen
+    module called as `shortcut(x, train=...)` (a projection: 1x1 conv + BatchNorm), adopted as the
+    submodule `skip`. The shortcut runs outside the gate, always: its parameters always get
+    gradients and its BatchNorm statistics always update, as the authors' Torch code (the skip path
+    always runs) and composer (a dropped downsampling block returns relu(downsample(x))) do.
+    Drop modes (`drop_mode`):
       - "block" (the paper): one Bernoulli(p) gate per call from the "drop" RNG stream. A closed
-        gate returns `shortcut(x)` through `nn.cond`, so the branch's forward and backward compute
-        is skipped, its BatchNorm statistics stay as they were and its parameters get zero gradient.
-        Evaluation: activation(shortcut(x) + p * f(x)).
+        gate returns activation(shortcut(x)) through `nn.cond`, so the branch's forward and backward
+        compute is skipped, its BatchNorm statistics stay as they were and its parameters get zero
+        gradient. Evaluation: activation(shortcut(x) + p * f(x)).
       - "sample" (drop path): a per-example Bernoulli(p) mask scaling f(x) by mask / p; it cannot
         skip compute. Evaluation: activation(shortcut(x) + f(x)).
     `drop_scale` in [0, 1] scales the drop rate during training (1 - p) for drop-rate warm-up;
     evaluation always uses the target p. Training records the fraction of the batch for which the
     branch ran in the "gates" collection (make it mutable to read it). `mask` (N,), when given, is
-    passed on as `branch(x, train=..., mask=mask)`: the real examples of a padded batch, for the
-    branch's BatchNorm statistics.
+    passed on as `branch(x, train=..., mask=mask)` (and so to a module shortcut): the real examples
+    of a padded batch, for the BatchNorm statistics.
     """
 
     branch: nn.Module
-    shortcut: Callable[[jax.Array], jax.Array] = identity
+    shortcut: Union[Callable[[jax.Array], jax.Array], nn.Module] = identity
     drop_mode: str = "block"
     activation: Optional[Callable[[jax.Array], jax.Array]] = nn.relu
 
@@ -41,20 +46,27 @@ class StochasticDepth(nn.Module):
         if self.drop_mode not in DROP_MODES:
             raise ValueError(f"drop mode must be one of {DROP_MODES}, got {self.drop_mode!r}")
         self.f = self.branch.clone(parent=None)
+        if isinstance(self.shortcut, nn.Module):
+            self.skip = self.shortcut.clone(parent=None)
 
-    def _combine(self, shortcut, residual):
-        out = shortcut + residual.astype(shortcut.dtype)
+    def _shortcut(self, x, train: bool, mask):
+        if not isinstance(self.shortcut, nn.Module):
+            return self.shortcut(x)
+        return self.skip(x, train=train) if mask is None else self.skip(x, train=train, mask=mask)
+
+    def _activate(self, out):
         return out if self.activation is None else self.activation(out)
 
     def _residual(self, x, train: bool, mask):
         return self.f(x, train=train) if mask is None else self.f(x, train=train, mask=mask)
 
     def __call__(self, x, survival_prob: Any, *, train: bool, drop_scale: Any = 1.0, mask=None):
+        shortcut = self._shortcut(x, train, mask)
         if not train:
             scale = survival_prob if self.drop_mode == "block" else 1.0
-            return self._combine(self.shortcut(x), scale * self.f(x, train=False))
+            return self._activate(shortcut + (scale * self.f(x, train=False)).astype(shortcut.dtype))
         if self.is_initializing():
-            return self._combine(self.shortcut(x), self._residual(x, True, mask))
+            return self._activate(shortcut + self._residual(x, True, mask).astype(shortcut.dtype))
         p = scaled_survival(jnp.asarray(survival_prob, jnp.float32), drop_scale)
         key = self.make_rng("drop")
         if self.drop_mode == "sample":
@@ -62,14 +74,16 @@ class StochasticDepth(nn.Module):
             self.sow("gates", "active", keep.mean())
             residual = self._residual(x, True, mask)
             scale = jnp.where(keep, 1.0 / jnp.maximum(p, 1e-12), 0.0).astype(residual.dtype)
-            return self._combine(self.shortcut(x), residual * scale)
+            return self._activate(shortcut + (residual * scale).astype(shortcut.dtype))
         gate = jax.random.bernoulli(key, p)
         self.sow("gates", "active", gate.astype(jnp.float32))
         return nn.cond(
             gate,
-            lambda module, x, mask: module._combine(module.shortcut(x), module._residual(x, True, mask)),
-            lambda module, x, mask: module.shortcut(x),
+            lambda module, x, shortcut, mask: module._activate(
+                shortcut + module._residual(x, True, mask).astype(shortcut.dtype)),
+            lambda module, x, shortcut, mask: module._activate(shortcut),
             self,
             x,
+            shortcut,
             mask,
         )

@@ -100,3 +100,20 @@ def test_bfloat16_compute_float32_params():
     assert logits.dtype == jnp.float32 and logits.shape == (2, 10)
     ref = ResNetCIFAR(20).apply(variables, x)
     np.testing.assert_allclose(logits, ref, atol=0.1, rtol=0.05)
+
+
+def test_cifar_model_unchanged_against_the_stored_reference():
+    """Outputs, BatchNorm updates, gates and gradients equal those stored before the layer learnt
+    projection shortcuts (tests/cifar_reference.py): bit for bit on the JAX version and backend that
+    stored them, to float tolerance elsewhere (another XLA may fuse differently)."""
+    from tests import cifar_reference
+    reference = cifar_reference.stored()
+    same_build = (str(reference.pop("jax_version")) == jax.__version__
+                  and str(reference.pop("backend")) == jax.default_backend())
+    now = cifar_reference.compute()
+    assert set(now) == set(reference)
+    for name, value in reference.items():
+        if same_build:
+            np.testing.assert_array_equal(now[name], value, err_msg=name)
+        else:
+            np.testing.assert_allclose(now[name], value, rtol=1e-5, atol=1e-6, err_msg=name)

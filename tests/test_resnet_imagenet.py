@@ -1,0 +1,143 @@
+"""The bottleneck ResNets (ImageNet) and the stochastic-depth layer around a projection shortcut."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from sd_jax.models import count_params
+from sd_jax.resnet_imagenet import BottleneckBranch, Projection, ResNetImageNet
+from sd_jax.stochastic_depth import StochasticDepth
+
+
+def closed_form_params(blocks, num_classes=1000):
+    """Independent count for torchvision's layout: convs, BN scale/bias, projections, fc."""
+    total, channels = 7 * 7 * 3 * 64 + 2 * 64, 64
+    for n, width in zip(blocks, (64, 128, 256, 512)):
+        for i in range(n):
+            total += channels * width + 9 * width * width + width * 4 * width + 2 * (width + width + 4 * width)
+            if i == 0:
+                total += channels * 4 * width + 2 * 4 * width
+            channels = 4 * width
+    return total + channels * num_classes + num_classes
+
+
+@pytest.mark.parametrize("depth,blocks,expected", [(50, (3, 4, 6, 3), 25_557_032), (101, (3, 4, 23, 3), 44_549_160),
+                                                   (152, (3, 8, 36, 3), 60_192_808)])
+def test_parameter_counts_are_torchvisions(depth, blocks, expected):
+    assert closed_form_params(blocks) == expected
+    for scan in (False, True):
+        shapes = jax.eval_shape(ResNetImageNet(depth, scan_blocks=scan).init, jax.random.key(0),
+                                jnp.zeros((1, 64, 64, 3)))
+        assert count_params(shapes["params"]) == expected
+
+
+def test_survival_schedule_is_composers_linear_drop_rate():
+    drop_rate, count = 0.2, 16  # composer: block i (0-based) of `count` drops with (i + 1) / count * drop_rate
+    composer = np.array([1.0 - (i + 1) / count * drop_rate for i in range(count)])
+    np.testing.assert_allclose(ResNetImageNet(50, p_last=1.0 - drop_rate).survival_probabilities(), composer)
+    kept = ResNetImageNet(50, p_last=0.8, drop_downsample_blocks=False).survival_probabilities()
+    firsts = [0, 3, 7, 13]  # the projection blocks of ResNet-50's stages
+    assert kept[firsts].tolist() == [1.0] * 4
+    others = np.delete(kept, firsts)
+    np.testing.assert_allclose(others, [1.0 - (i + 1) / 12 * 0.2 for i in range(12)])
+
+
+def downsampling_block():
+    layer = StochasticDepth(BottleneckBranch(4, 2, parent=None), Projection(16, 2, parent=None))
+    x = jax.random.normal(jax.random.key(0), (4, 8, 8, 8))
+    variables = layer.init(jax.random.key(1), x, 1.0, train=True)
+    stats = jax.tree.map(lambda v: v + 0.3, variables["batch_stats"])  # not at init: eval depends on them
+    return layer, x, {"params": variables["params"], "batch_stats": stats}
+
+
+def part(variables, name):
+    return {collection: tree[name] for collection, tree in variables.items()}
+
+
+def test_closed_gate_returns_relu_of_the_projection_which_still_learns():
+    layer, x, variables = downsampling_block()
+
+    def run(params, p):
+        return layer.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, p, train=True,
+                           rngs={"drop": jax.random.key(2)}, mutable=["batch_stats", "gates"])
+
+    out, updates = run(variables["params"], 0.0)
+    projected, projection_stats = Projection(16, 2).apply(part(variables, "skip"), x, train=True,
+                                                          mutable=["batch_stats"])
+    np.testing.assert_allclose(out, jax.nn.relu(projected), atol=1e-6)
+    assert float(updates["gates"]["active"][0]) == 0.0
+    for a, b in zip(jax.tree.leaves(updates["batch_stats"]["f"]), jax.tree.leaves(variables["batch_stats"]["f"])):
+        np.testing.assert_array_equal(a, b)  # the dropped branch's statistics are untouched
+    for a, b in zip(jax.tree.leaves(updates["batch_stats"]["skip"]), jax.tree.leaves(projection_stats["batch_stats"])):
+        np.testing.assert_allclose(a, b, atol=1e-6)  # the projection's are updated
+    grads = jax.grad(lambda params: jnp.sum(run(params, 0.0)[0] ** 2))(variables["params"])
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads["f"]))
+    assert all(float(jnp.abs(g).max()) > 0.0 for g in jax.tree.leaves(grads["skip"]))
+
+    out, _ = run(variables["params"], 1.0)
+    residual, _ = BottleneckBranch(4, 2).apply(part(variables, "f"), x, train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(out, jax.nn.relu(projected + residual), atol=1e-5)
+
+
+@pytest.mark.parametrize("p", [0.3, 0.8])
+def test_eval_scales_the_branch_by_its_survival_probability(p):
+    layer, x, variables = downsampling_block()
+    projected = Projection(16, 2).apply(part(variables, "skip"), x, train=False)
+    residual = BottleneckBranch(4, 2).apply(part(variables, "f"), x, train=False)
+    np.testing.assert_allclose(layer.apply(variables, x, p, train=False), jax.nn.relu(projected + p * residual),
+                               atol=1e-5)
+
+
+def stack_blocks(variables, blocks):
+    """Unrolled variables (layerS/blockI) -> the scan_blocks layout (layerS/block0 + stacked blocks)."""
+    def convert(stage, n):
+        out = {"block0": stage["block0"]}
+        if n > 1:
+            out["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[stage[f"block{i}"] for i in range(1, n)])
+        return out
+    return {collection: {k: convert(v, blocks[int(k[5:]) - 1]) if k.startswith("layer") else v
+                         for k, v in tree.items()} for collection, tree in variables.items()}
+
+
+def test_scanned_and_unrolled_resnet50_agree_and_each_droppable_block_is_a_conditional():
+    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    unrolled = ResNetImageNet(50, num_classes=10, p_last=0.8)
+    variables = unrolled.init(jax.random.key(1), x)
+    scanned = ResNetImageNet(50, num_classes=10, p_last=0.8, scan_blocks=True)
+    np.testing.assert_allclose(scanned.apply(stack_blocks(variables, (3, 4, 6, 3)), x),
+                               unrolled.apply(variables, x), rtol=1e-4, atol=1e-4)
+
+    def step(params):
+        logits, _ = unrolled.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
+                                   rngs={"drop": jax.random.key(3)}, mutable=["batch_stats", "gates"])
+        return jnp.sum(logits)
+
+    text = jax.jit(jax.grad(step)).lower(variables["params"]).as_text()
+    forward_and_backward = 2 * 16  # a cond in the forward pass and one in its transpose, per block
+    assert text.count("stablehlo.case") == forward_and_backward
+
+
+def test_a_few_steps_of_resnet50_lower_the_loss():
+    model = ResNetImageNet(50, num_classes=10, p_last=0.8, scan_blocks=True, zero_init_last_bn=True)
+    x = jax.random.normal(jax.random.key(0), (8, 32, 32, 3))
+    labels = jnp.arange(8) % 10
+    variables = model.init(jax.random.key(1), x)
+    tx = optax.sgd(0.01, momentum=0.9)
+
+    @jax.jit
+    def step(params, batch_stats, opt_state, key):
+        def loss_fn(params):
+            logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
+                                          rngs={"drop": key}, mutable=["batch_stats", "gates"])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates
+        (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        changes, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, changes), updates["batch_stats"], opt_state, loss
+
+    params, batch_stats, opt_state = variables["params"], variables["batch_stats"], tx.init(variables["params"])
+    losses = []
+    for i in range(8):
+        params, batch_stats, opt_state, loss = step(params, batch_stats, opt_state, jax.random.key(10 + i))
+        losses.append(float(loss))
+    assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0], losses
