@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sd_jax import cli
-from sd_jax.models import ResNetCIFAR, blocks_per_stage, to_scanned_layout
+from sd_jax.models import ResNetCIFAR, blocks_per_stage, stack_blocks, to_scanned_layout
 
 BN_FIELDS = {"weight": ("params", "scale"), "bias": ("params", "bias"),
              "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
@@ -28,25 +28,49 @@ def _to_numpy(value):
     return np.asarray(value, np.float32)
 
 
+CONV = lambda w: w.transpose(2, 3, 1, 0)  # noqa: E731 - OIHW -> HWIO
+SAME = lambda w: w  # noqa: E731
+
+
+def _add_bn(mapping, torch_prefix, flax_prefix):
+    for field, (collection, name) in BN_FIELDS.items():
+        mapping[f"{torch_prefix}.{field}"] = (collection, flax_prefix + (name,), SAME)
+
+
+def _stem_and_head(classifier: str) -> dict:
+    mapping = {"conv1.weight": ("params", ("conv1", "kernel"), CONV),
+               f"{classifier}.weight": ("params", ("linear", "kernel"), lambda w: w.T),
+               f"{classifier}.bias": ("params", ("linear", "bias"), SAME)}
+    _add_bn(mapping, "bn1", ("bn1",))
+    return mapping
+
+
 def _torch_to_flax_paths(depth: int):
     """{torch key: (collection, flax path tuple, converter)} for the unrolled ResNetCIFAR layout."""
-    conv = lambda w: w.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-    same = lambda w: w
-    mapping = {"conv1.weight": ("params", ("conv1", "kernel"), conv),
-               "linear.weight": ("params", ("linear", "kernel"), lambda w: w.T),
-               "linear.bias": ("params", ("linear", "bias"), same)}
-
-    def add_bn(torch_prefix, flax_prefix):
-        for field, (collection, name) in BN_FIELDS.items():
-            mapping[f"{torch_prefix}.{field}"] = (collection, flax_prefix + (name,), same)
-
-    add_bn("bn1", ("bn1",))
+    mapping = _stem_and_head("linear")
     for s in range(3):
         for i in range(blocks_per_stage(depth)):
             flax_block = (f"stage{s + 1}", f"block{i}", "f")
             for j in (1, 2):
-                mapping[f"layer{s + 1}.{i}.conv{j}.weight"] = ("params", flax_block + (f"conv{j}", "kernel"), conv)
-                add_bn(f"layer{s + 1}.{i}.bn{j}", flax_block + (f"bn{j}",))
+                mapping[f"layer{s + 1}.{i}.conv{j}.weight"] = ("params", flax_block + (f"conv{j}", "kernel"), CONV)
+                _add_bn(mapping, f"layer{s + 1}.{i}.bn{j}", flax_block + (f"bn{j}",))
+    return mapping
+
+
+def _torchvision_to_flax_paths(depth: int):
+    """The same for torchvision's resnet50/101/152 and the unrolled ResNetImageNet layout."""
+    from sd_jax.resnet_imagenet import stage_blocks
+
+    mapping = _stem_and_head("fc")
+    for s, n in enumerate(stage_blocks(depth)):
+        for i in range(n):
+            torch_block, flax_block = f"layer{s + 1}.{i}", (f"layer{s + 1}", f"block{i}")
+            for j in (1, 2, 3):
+                mapping[f"{torch_block}.conv{j}.weight"] = ("params", flax_block + ("f", f"conv{j}", "kernel"), CONV)
+                _add_bn(mapping, f"{torch_block}.bn{j}", flax_block + ("f", f"bn{j}"))
+            if i == 0:
+                mapping[f"{torch_block}.downsample.0.weight"] = ("params", flax_block + ("skip", "conv", "kernel"), CONV)
+                _add_bn(mapping, f"{torch_block}.downsample.1", flax_block + ("skip", "bn"))
     return mapping
 
 
@@ -58,15 +82,14 @@ def strip_wrappers(state_dict):
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
 
 
-def from_torch_state_dict(state_dict, depth: int, num_classes: int = 10, **model_kwargs):
-    """Flax variables {"params", "batch_stats"} for ResNetCIFAR(depth, num_classes, **model_kwargs)."""
+def _variables_from(state_dict, mapping: dict, model, image_size: int, label: str) -> dict:
+    """Flax variables for the unrolled `model` from a state_dict, through `mapping`; a ValueError
+    lists every missing, unexpected or mis-shaped key."""
     state_dict = strip_wrappers(dict(state_dict))
-    mapping = _torch_to_flax_paths(depth)
     given = {k for k in state_dict if not k.endswith(IGNORED_SUFFIXES)}
     missing, unexpected = sorted(set(mapping) - given), sorted(given - set(mapping))
-    model = ResNetCIFAR(depth, num_classes, **{**model_kwargs, "scan_blocks": False})
     in_channels = _to_numpy(state_dict["conv1.weight"]).shape[1] if "conv1.weight" in state_dict else 3
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, in_channels)))
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, image_size, image_size, in_channels)))
     variables = {"params": {}, "batch_stats": {}}
     mis_shaped = []
     for key in sorted(set(mapping) & given):
@@ -82,14 +105,30 @@ def from_torch_state_dict(state_dict, depth: int, num_classes: int = 10, **model
         for name in path[:-1]:
             node = node.setdefault(name, {})
         node[path[-1]] = jnp.asarray(value)
-    problems = [f"{label}: {items}" for label, items in
+    problems = [f"{kind}: {items}" for kind, items in
                 (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped", mis_shaped)) if items]
     if problems:
-        raise ValueError(f"state_dict does not fit ResNet-{depth} with {num_classes} classes; "
-                         + "; ".join(problems))
-    if model_kwargs.get("scan_blocks"):
-        variables = to_scanned_layout(variables, depth)
+        raise ValueError(f"state_dict does not fit {label}; " + "; ".join(problems))
     return variables
+
+
+def from_torch_state_dict(state_dict, depth: int, num_classes: int = 10, **model_kwargs):
+    """Flax variables {"params", "batch_stats"} for ResNetCIFAR(depth, num_classes, **model_kwargs)."""
+    model = ResNetCIFAR(depth, num_classes, **{**model_kwargs, "scan_blocks": False})
+    variables = _variables_from(state_dict, _torch_to_flax_paths(depth), model, 32,
+                                f"ResNet-{depth} with {num_classes} classes")
+    return to_scanned_layout(variables, depth) if model_kwargs.get("scan_blocks") else variables
+
+
+def from_torchvision_state_dict(state_dict, depth: int, num_classes: int = 1000, scan_blocks: bool = False):
+    """Flax variables for ResNetImageNet(depth, num_classes, scan_blocks=...) from torchvision's
+    resnet50/101/152 weights (`conv1`, `bn1`, `layer{1..4}.{i}.conv{1,2,3}`, `.bn{1,2,3}`,
+    `.downsample.{0,1}`, `fc`)."""
+    from sd_jax.resnet_imagenet import ResNetImageNet, stage_sizes
+
+    variables = _variables_from(state_dict, _torchvision_to_flax_paths(depth), ResNetImageNet(depth, num_classes),
+                                64, f"torchvision ResNet-{depth} with {num_classes} classes")
+    return stack_blocks(variables, stage_sizes(depth)) if scan_blocks else variables
 
 
 def load_torch_checkpoint(path: str):

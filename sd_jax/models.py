@@ -218,35 +218,47 @@ def active_blocks(gates) -> jax.Array:
     return sum(jnp.sum(g) for g in jax.tree.leaves(gates))
 
 
-def to_scanned_layout(variables, depth: int):
-    """Unrolled-layout variables (stageS/blockI) -> scan_blocks=True layout (stageS/blocks, stacked)."""
-    n = blocks_per_stage(depth)
+def cifar_stage_sizes(depth: int) -> dict:
+    return {f"stage{s + 1}": blocks_per_stage(depth) for s in range(len(STAGE_FEATURES))}
 
-    def convert(stage):
-        rest = [stage[f"block{i}"] for i in range(1, n)]
+
+def stack_blocks(variables, stage_sizes: dict):
+    """Unrolled-layout variables (STAGE/blockI) -> the scan_blocks=True layout (STAGE/block0 and
+    STAGE/blocks, blocks 1..n-1 stacked); `stage_sizes` maps each stage's name to its n."""
+
+    def convert(stage, n):
         out = {"block0": stage["block0"]}
-        if rest:
-            out["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *rest)
+        if n > 1:
+            out["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[stage[f"block{i}"] for i in range(1, n)])
         return out
 
-    return _map_stages(variables, convert)
+    return _map_stages(variables, stage_sizes, convert)
 
 
-def to_unrolled_layout(variables, depth: int):
-    """scan_blocks=True layout variables -> the unrolled layout (stageS/block0..block{n-1})."""
-    n = blocks_per_stage(depth)
+def unstack_blocks(variables, stage_sizes: dict):
+    """scan_blocks=True layout variables -> the unrolled layout (STAGE/block0..block{n-1})."""
 
-    def convert(stage):
+    def convert(stage, n):
         out = {"block0": stage["block0"]}
         for i in range(1, n):
             out[f"block{i}"] = jax.tree.map(lambda x, i=i: x[i - 1], stage["blocks"])
         return out
 
-    return _map_stages(variables, convert)
+    return _map_stages(variables, stage_sizes, convert)
 
 
-def _map_stages(variables, convert):
+def to_scanned_layout(variables, depth: int):
+    """ResNetCIFAR variables, unrolled -> scan_blocks=True layout."""
+    return stack_blocks(variables, cifar_stage_sizes(depth))
+
+
+def to_unrolled_layout(variables, depth: int):
+    """ResNetCIFAR variables, scan_blocks=True -> unrolled layout."""
+    return unstack_blocks(variables, cifar_stage_sizes(depth))
+
+
+def _map_stages(variables, stage_sizes, convert):
     return {
-        collection: {k: convert(v) if k.startswith("stage") else v for k, v in tree.items()}
+        collection: {k: convert(v, stage_sizes[k]) if k in stage_sizes else v for k, v in tree.items()}
         for collection, tree in variables.items()
     }

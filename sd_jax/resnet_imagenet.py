@@ -31,6 +31,11 @@ def stage_blocks(depth: int) -> tuple:
     return STAGE_BLOCKS[depth]
 
 
+def stage_sizes(depth: int) -> dict:
+    """{stage name: blocks} for the layout converters (sd_jax.models.stack_blocks)."""
+    return {f"layer{s + 1}": n for s, n in enumerate(stage_blocks(depth))}
+
+
 def conv(features: int, kernel: int, stride: int, dtype, name: str):
     """A bias-free conv with PyTorch's symmetric padding (kernel // 2 on every side)."""
     pad = kernel // 2

@@ -5,8 +5,8 @@ import numpy as np
 import optax
 import pytest
 
-from sd_jax.models import count_params
-from sd_jax.resnet_imagenet import BottleneckBranch, Projection, ResNetImageNet
+from sd_jax.models import count_params, stack_blocks
+from sd_jax.resnet_imagenet import BottleneckBranch, Projection, ResNetImageNet, stage_sizes
 from sd_jax.stochastic_depth import StochasticDepth
 
 
@@ -89,23 +89,12 @@ def test_eval_scales_the_branch_by_its_survival_probability(p):
                                atol=1e-5)
 
 
-def stack_blocks(variables, blocks):
-    """Unrolled variables (layerS/blockI) -> the scan_blocks layout (layerS/block0 + stacked blocks)."""
-    def convert(stage, n):
-        out = {"block0": stage["block0"]}
-        if n > 1:
-            out["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[stage[f"block{i}"] for i in range(1, n)])
-        return out
-    return {collection: {k: convert(v, blocks[int(k[5:]) - 1]) if k.startswith("layer") else v
-                         for k, v in tree.items()} for collection, tree in variables.items()}
-
-
 def test_scanned_and_unrolled_resnet50_agree_and_each_droppable_block_is_a_conditional():
     x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
     unrolled = ResNetImageNet(50, num_classes=10, p_last=0.8)
     variables = unrolled.init(jax.random.key(1), x)
     scanned = ResNetImageNet(50, num_classes=10, p_last=0.8, scan_blocks=True)
-    np.testing.assert_allclose(scanned.apply(stack_blocks(variables, (3, 4, 6, 3)), x),
+    np.testing.assert_allclose(scanned.apply(stack_blocks(variables, stage_sizes(50)), x),
                                unrolled.apply(variables, x), rtol=1e-4, atol=1e-4)
 
     def step(params):
@@ -141,3 +130,51 @@ def test_a_few_steps_of_resnet50_lower_the_loss():
         params, batch_stats, opt_state, loss = step(params, batch_stats, opt_state, jax.random.key(10 + i))
         losses.append(float(loss))
     assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize("p_last", [1.0, 0.8])
+def test_torchvision_weights_give_torchvisions_logits(p_last):
+    """ResNet-50 with random weights after a few PyTorch training steps (BatchNorm statistics away
+    from their init), at 64 px: eval-mode logits equal torchvision's. For p_last < 1 each block's
+    last BN affine is scaled by its survival probability on the PyTorch side, which is what
+    evaluation with stochastic depth computes: relu(shortcut + p f)."""
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+    torchvision = pytest.importorskip("torchvision", reason="torchvision is not installed (CI installs it with torch)")
+    from sd_jax.interop import from_torchvision_state_dict
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet50(num_classes=10)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    for _ in range(3):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(net(torch.randn(8, 3, 64, 64)), torch.randint(0, 10, (8,))).backward()
+        optimizer.step()
+    net.eval()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    model = ResNetImageNet(50, num_classes=10, p_last=p_last)
+    with torch.no_grad():
+        blocks = [block for layer in (net.layer1, net.layer2, net.layer3, net.layer4) for block in layer]
+        for block, p in zip(blocks, model.survival_probabilities()):
+            block.bn3.weight.mul_(float(p))
+            block.bn3.bias.mul_(float(p))
+        x = torch.randn(4, 3, 64, 64)
+        want = net(x).numpy()
+    for scan_blocks in (False, True):
+        variables = from_torchvision_state_dict(state, 50, num_classes=10, scan_blocks=scan_blocks)
+        got = ResNetImageNet(50, num_classes=10, p_last=p_last, scan_blocks=scan_blocks).apply(
+            variables, jnp.asarray(x.numpy().transpose(0, 2, 3, 1)))
+        np.testing.assert_allclose(got, want, atol=max(1e-4, 1e-5 * float(np.abs(want).max())), rtol=0)
+
+
+def test_torchvision_state_dict_problems_are_listed():
+    from sd_jax.interop import from_torchvision_state_dict
+
+    shapes = jax.eval_shape(ResNetImageNet(50, num_classes=10).init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+    state = {"conv1.weight": np.zeros((64, 3, 7, 7), np.float32), "fc.weight": np.zeros((5, 2048), np.float32),
+             "extra.weight": np.zeros(1, np.float32)}
+    with pytest.raises(ValueError) as error:
+        from_torchvision_state_dict(state, 50, num_classes=10)
+    message = str(error.value)
+    assert "missing keys" in message and "layer4.2.bn3.running_var" in message
+    assert "unexpected keys: ['extra.weight']" in message and "fc.weight: got (2048, 5)" in message
+    assert count_params(shapes["params"]) == closed_form_params((3, 4, 6, 3), num_classes=10)
