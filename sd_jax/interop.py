@@ -172,7 +172,8 @@ def run(args):
                                       shortcut_downsample=args.shortcut_downsample)
     mesh = parallel.make_mesh()
     count_errors = training.make_count_errors(config, training.make_model(config, dataset.num_classes), mesh)
-    eval_data = training.device_eval_data(dataset, config.eval_batch_size, mesh, config.normalization)
+    eval_data = training.device_eval_data(dataset, config.eval_batch_size, mesh,
+                                          *dataset.normalization(config.normalization))
     result = {"checkpoint": args.checkpoint, "depth": args.depth, "dataset": args.dataset,
               **training.error_rates(count_errors, variables, eval_data)}
     print(json.dumps(result))

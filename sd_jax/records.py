@@ -40,6 +40,11 @@ def read_json(workdir: str, name: str):
         return json.load(f)
 
 
+def config_record(config) -> dict:
+    """The config as config.json holds it (plain JSON values)."""
+    return json.loads(config.to_json_best_effort())
+
+
 def best_line(history: list) -> dict:
     """The evaluation the paper reports: lowest validation error. Ties (common with a small
     validation set) go to the later one, the more trained model. The one rule: the summary and the
@@ -95,7 +100,7 @@ class Workdir:
         if not os.path.exists(self.path(CONFIG_FILE)):
             raise WorkdirError(f"workdir {self.workdir!r} holds a run but no {CONFIG_FILE}; "
                                "use another --workdir, or pass --restart to start over")
-        old, new = read_json(self.workdir, CONFIG_FILE), json.loads(config.to_json_best_effort())
+        old, new = read_json(self.workdir, CONFIG_FILE), config_record(config)
         changed = sorted(k for k in set(old) | set(new) if k not in RESUMABLE_KEYS and old.get(k) != new.get(k))
         if changed:
             diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
@@ -114,7 +119,7 @@ class Workdir:
                     if os.path.exists(self.path(name)):
                         os.remove(self.path(name))
                 shutil.rmtree(self.path(CHECKPOINT_DIR), ignore_errors=True)
-            write_json_atomic(self.path(CONFIG_FILE), json.loads(config.to_json_best_effort()))
+            write_json_atomic(self.path(CONFIG_FILE), config_record(config))
         except OSError as e:
             raise WorkdirError(f"workdir {self.workdir!r} is not writable ({e.strerror}); "
                                "pass a --workdir you can write to") from None

@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax.training import train_state
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, PartitionSpec
 
 from sd_jax import augment, checkpoints, compiler, data, parallel, provenance, records
 from sd_jax.config import ConfigError, resolve_convention, validate
@@ -236,10 +236,9 @@ def device_eval_split(split: data.Split, batch_size: int, mesh: Mesh) -> dict:
 EVAL_SPLITS = ("val", "test")
 
 
-def device_eval_data(dataset: data.Dataset, batch_size: int, mesh: Mesh, normalization: str) -> dict:
+def device_eval_data(dataset: data.Dataset, batch_size: int, mesh: Mesh, mean, std) -> dict:
     """What evaluation needs on the devices: the validation and test splits (with their sizes) and
-    the input normalisation."""
-    mean, std = dataset.normalization(normalization)
+    the input normalisation `mean`, `std` (from the training split: `Dataset.normalization`)."""
     return {"splits": {name: device_eval_split(getattr(dataset, name), batch_size, mesh) for name in EVAL_SPLITS},
             "sizes": {name: len(getattr(dataset, name)) for name in EVAL_SPLITS},
             "mean": parallel.replicate(mean, mesh), "std": parallel.replicate(std, mesh)}
@@ -310,7 +309,7 @@ def make_experiment(config: ml_collections.ConfigDict) -> Experiment:
     mean, std = dataset.normalization(config.normalization)
     train_data = parallel.replicate({"images": dataset.train.images, "labels": dataset.train.labels,
                                      "mean": mean, "std": std}, mesh)
-    eval_data = device_eval_data(dataset, config.eval_batch_size, mesh, config.normalization)
+    eval_data = device_eval_data(dataset, config.eval_batch_size, mesh, mean, std)
     return Experiment(config, dataset, plan, keys, state, train_data, eval_data)
 
 
@@ -421,14 +420,14 @@ class Trainer:
         return state
 
 
-def log_start(experiment: Experiment) -> None:
+def log_start(experiment: Experiment, ran_on: dict) -> None:
+    """What is about to train, and on what (`ran_on`: `provenance.provenance()`)."""
     config, plan, dataset = experiment.config, experiment.plan, experiment.dataset
     log.info("%s: %d train / %d val / %d test images; ResNet-%d, %d parameters, %d blocks, %.2f expected "
              "active; %d steps/epoch on %d x %s", dataset.name, len(dataset.train), len(dataset.val),
              len(dataset.test), config.depth, count_params(experiment.state.params), plan.model.num_blocks,
              expected_active_blocks(plan.model.num_blocks, config.p_last, config.survival_mode),
              plan.steps_per_epoch, plan.mesh.size, jax.devices()[0].device_kind)
-    ran_on = provenance.provenance()
     log.info("on %s; %s; commit %s", provenance.hardware(ran_on),
              ", ".join(f"{name} {version}" for name, version in ran_on["versions"].items()), ran_on["git_commit"])
 
@@ -456,12 +455,13 @@ def compile_steps(experiment: Experiment, state: TrainState):
 
 
 def finish(experiment: Experiment, workdir: records.Workdir, history: list, compile_s: float,
-           wall_start: float) -> dict:
-    """Write and return summary.json: the paper's number (test error at best validation) and costs."""
+           wall_start: float, ran_on: dict) -> dict:
+    """Write and return summary.json: the paper's number (test error at best validation), costs and
+    what the run ran on."""
     config, plan = experiment.config, experiment.plan
     summary = records.summarize(history)
     summary.update(num_params=count_params(experiment.state.params), compile_s=compile_s,
-                   provenance=provenance.provenance(),
+                   provenance=ran_on,
                    expected_active_blocks=expected_active_blocks(plan.model.num_blocks, config.p_last,
                                                                  config.survival_mode),
                    wall_time_s=time.perf_counter() - wall_start)
@@ -484,12 +484,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, restart:
     wall_start = time.perf_counter()
     experiment = make_experiment(config)
     run_files.start(config, restart)
-    log_start(experiment)
+    ran_on = provenance.provenance()  # once: it asks git for the commit
+    log_start(experiment, ran_on)
     ckpts = checkpoints.Checkpoints(workdir)
     state, history = resume(experiment, run_files, ckpts)
     train_steps, count_errors, compile_s = compile_steps(experiment, state)
     Trainer(experiment, run_files, ckpts, train_steps, count_errors).fit(state, history)
-    return finish(experiment, run_files, history, compile_s, wall_start)
+    return finish(experiment, run_files, history, compile_s, wall_start, ran_on)
 
 
 # Old names, kept for code that imports them.

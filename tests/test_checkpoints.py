@@ -21,6 +21,16 @@ def without_timing(record):
     return {k: v for k, v in record.items() if k not in TIMING}
 
 
+def wait_for_metrics(workdir, count: int, process, timeout: float = 300) -> None:
+    """Return once metrics.jsonl in `workdir` has `count` lines, `process` has ended, or `timeout` passed."""
+    metrics = workdir / records.METRICS_FILE
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= count:
+            return
+        time.sleep(0.02)
+
+
 def train_command(workdir, *extra):
     return [sys.executable, "train.py", *ARGS, "--workdir", str(workdir), *extra]
 
@@ -34,11 +44,7 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted_run(tmp_path):
     process = subprocess.Popen(train_command(workdir), cwd=ROOT, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     metrics = workdir / records.METRICS_FILE
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.02)
+    wait_for_metrics(workdir, 3, process)
     time.sleep(0.15)  # land somewhere inside a later epoch
     assert process.poll() is None, "the run finished before it could be killed"
     process.send_signal(signal.SIGKILL)

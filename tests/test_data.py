@@ -4,10 +4,9 @@ import time
 import numpy as np
 import pytest
 
-from sd_jax import data, training
+from sd_jax import data
 from sd_jax.data_files import CIFAR_ARCHIVES, CIFAR_LAYOUTS, DataError, read_cifar, read_svhn
 from tests import data_fixtures as fx
-from tests.test_training import tiny_config
 
 
 def row_set(images):

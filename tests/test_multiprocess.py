@@ -5,7 +5,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -13,9 +12,9 @@ import pytest
 
 from sd_jax import checkpoints, records, training
 from tests.conftest import ROOT
+from tests.test_checkpoints import wait_for_metrics, without_timing
 from tests.test_training import tiny_config
 
-TIMING = ("epoch_time_s", "images_per_s", "train_time_s", "compile_s", "wall_time_s", "provenance")
 SETTINGS = dict(num_epochs=4, compilation_cache_dir="")
 OVERRIDES = ["--config.dataset=synthetic", "--config.depth=8", "--config.num_epochs=4", "--config.lr_boundaries=(2,)",
              "--config.steps_per_call=3", "--config.eval_batch_size=100", "--config.compilation_cache_dir="]
@@ -45,10 +44,6 @@ def finish(processes):
     for p, (_, err) in zip(processes, results):
         assert p.returncode == 0, err[-3000:]
     return [err for _, err in results]
-
-
-def without_timing(record):
-    return {k: v for k, v in record.items() if k not in TIMING}
 
 
 @pytest.fixture(scope="module")
@@ -96,12 +91,7 @@ def test_sigkill_of_one_process_then_restart_of_both_resumes_exactly(pair_run, t
     reference, _ = pair_run
     workdir = tmp_path / "killed"
     first, second = start_pair(workdir)
-    metrics = workdir / records.METRICS_FILE
-    deadline = time.time() + 300
-    while time.time() < deadline and first.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.02)
+    wait_for_metrics(workdir, 2, first)
     assert first.poll() is None and second.poll() is None, "the job ended before it could be killed"
     second.send_signal(signal.SIGKILL)  # one host dies; its peer then stalls in a collective and is stopped
     first.send_signal(signal.SIGKILL)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sd_jax import compiler, data, records, training
+from sd_jax import compiler, records, training
 from sd_jax.config import default_config
 from tests.conftest import ROOT
 
