@@ -9,11 +9,21 @@ from ml_collections import config_flags
 from sd_jax.conv import CONV_GRADS, INIT_FANS
 from sd_jax.data import NORMALIZATIONS
 from sd_jax.models import BN_SCALE_INITS, CLASSIFIER_INITS, SHORTCUT_DOWNSAMPLES, blocks_per_stage
+from sd_jax.resnet_imagenet import stage_blocks
 from sd_jax.survival import SURVIVAL_MODES
 from sd_jax.stochastic_depth import DROP_MODES
 
 DTYPES = ("float32", "bfloat16")
 DROP_GATES = ("shared", "per_device")
+# "resnet_cifar": the paper's CIFAR/SVHN ResNet (depth 6n+2, basic blocks); "resnet_imagenet": the
+# bottleneck ResNet-50/101/152 of the paper's ImageNet run and composer (sd_jax.resnet_imagenet).
+MODEL_DEPTHS = {"resnet_cifar": blocks_per_stage, "resnet_imagenet": stage_blocks}
+LR_SCHEDULES = ("step", "cosine")
+LR_WARMUPS = ("constant", "linear")
+# Datasets whose configs exist but whose input pipeline does not yet: train.py stops at once on them.
+PLANNED_DATASETS = {"imagenet2012": "the ImageNet input pipeline (a host-fed tf.data path: issue #15) is not "
+                                    "available yet; the ImageNet models, configs, torchvision interop and "
+                                    "`python -m sd_jax.bench --model resnet_imagenet` work today"}
 
 
 # Where the paper is silent, whose conventions to follow (README, "Fidelity"). "authors": the
@@ -43,6 +53,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.dataset = "cifar10"
     c.data_source = "tfds"  # "tfds" (downloads and prepares) or "files" (the official files in data_dir)
     c.data_dir = ""  # "" -> tfds's default (~/tensorflow_datasets)
+    c.model = "resnet_cifar"  # or "resnet_imagenet" (bottleneck ResNet-50/101/152)
     c.depth = 110
     c.num_classes = ml_collections.FieldReference(None, field_type=int)  # None -> from the dataset
     c.p_last = 0.5  # survival probability of the last block; 1.0 = constant depth
@@ -50,6 +61,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.drop_mode = "block"  # "block" (the paper, skips compute) or "sample" (drop path)
     c.drop_gates = "shared"  # several devices: all skip the same blocks ("shared") or draw their own
     c.drop_warmup = 0.0  # fraction of training over which the drop rate ramps up from 0
+    # resnet_imagenet only: False keeps the 4 projection blocks always on; True (the paper, composer) drops them too
+    c.drop_downsample_blocks = True
+    c.zero_init_last_bn = False  # resnet_imagenet only: each branch's last BN scale starts at 0 (Goyal et al.)
     c.convention = "authors"  # "authors" (their Torch code) or "pytorch": the defaults of the six keys below
     c.bn_scale_init = ml_collections.FieldReference(None, field_type=str)  # "uniform" in [0, 1) or "ones"
     c.conv_init_fan = ml_collections.FieldReference(None, field_type=str)  # He init over "fan_in" or "fan_out"
@@ -60,9 +74,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.num_epochs = 500
     c.batch_size = 128
     c.learning_rate = 0.1
-    c.lr_boundaries = (250, 375)  # 1-based epochs at whose start the learning rate is multiplied by lr_decay
+    c.lr_schedule = "step"  # "step" (lr_boundaries, lr_decay) or "cosine" (to 0 at the end, after the warm-up)
+    c.lr_boundaries = (250, 375)  # step: 1-based epochs at whose start the learning rate is multiplied by lr_decay
     c.lr_decay = 0.1
-    c.lr_warmup_epochs = 0  # epochs at lr_warmup_value before learning_rate (He et al. for ResNet-1202)
+    c.lr_warmup_epochs = 0  # epochs of warm-up before learning_rate
+    # "constant": lr_warmup_value throughout the warm-up (He et al. for ResNet-1202); "linear": step by
+    # step from lr_warmup_value to learning_rate (Goyal et al.)
+    c.lr_warmup = "constant"
     c.lr_warmup_value = 0.01
     c.momentum = 0.9
     c.nesterov = True
@@ -70,7 +88,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.dtype = "float32"  # compute dtype; parameters are always float32
     c.scan_blocks = False  # nn.scan over identical blocks: flat compile time in depth
-    c.conv_grads = "auto"  # "explicit" conv backward (fast inside lax.cond on CPU) or "xla"
+    c.conv_grads = "auto"  # resnet_cifar: "explicit" conv backward (fast inside lax.cond on CPU) or "xla"
     c.augment_translate = ml_collections.FieldReference(None, field_type=int)  # px; None -> dataset default
     c.augment_flip = ml_collections.FieldReference(None, field_type=bool)  # None -> dataset default
     c.steps_per_call = 50  # training steps per jitted call
@@ -143,14 +161,17 @@ def validate(config: ml_collections.ConfigDict, known_datasets, num_devices: int
     """Raise ConfigError naming the first unknown key or bad value, with the accepted values."""
     unknown = sorted(set(config.keys()) - set(default_config().keys()))
     _require(not unknown, f"unknown config key(s) {unknown}; known keys: {sorted(default_config().keys())}")
+    _require(config.dataset not in PLANNED_DATASETS,
+             f"dataset={config.dataset!r}: {PLANNED_DATASETS.get(config.dataset)}")
     _require(config.dataset in known_datasets,
              f"dataset={config.dataset!r} is not available; choose one of {sorted(known_datasets)}")
     _require(config.data_source in ("tfds", "files"),
              f"data_source={config.data_source!r} must be 'tfds' or 'files' (the official files in data_dir)")
+    _require(config.model in MODEL_DEPTHS, f"model={config.model!r} must be one of {tuple(MODEL_DEPTHS)}")
     try:
-        blocks_per_stage(config.depth)
+        MODEL_DEPTHS[config.model](config.depth)
     except ValueError as e:
-        raise ConfigError(f"depth={config.depth}: {e}") from None
+        raise ConfigError(f"depth={config.depth} (model={config.model!r}): {e}") from None
     _require(0.0 < config.p_last <= 1.0,
              f"p_last={config.p_last} must lie in (0, 1] (1.0 = constant depth, the paper uses 0.5)")
     _require(config.survival_mode in SURVIVAL_MODES,
@@ -167,16 +188,24 @@ def validate(config: ml_collections.ConfigDict, known_datasets, num_devices: int
              f"num_epochs={config.num_epochs} must be a positive integer")
     _require(config.batch_size >= 1, f"batch_size={config.batch_size} must be a positive integer")
     _require(config.learning_rate > 0, f"learning_rate={config.learning_rate} must be positive")
+    _require(config.lr_schedule in LR_SCHEDULES, f"lr_schedule={config.lr_schedule!r} must be one of {LR_SCHEDULES}")
+    _require(config.lr_warmup in LR_WARMUPS, f"lr_warmup={config.lr_warmup!r} must be one of {LR_WARMUPS}")
     bounds = list(config.lr_boundaries)
+    _require(config.lr_schedule == "step" or not bounds,
+             f"lr_boundaries={tuple(bounds)} mean nothing to lr_schedule='cosine'; set lr_boundaries=() "
+             "(on the command line: --config.lr_boundaries='()')")
+    _require(config.lr_warmup_epochs < config.num_epochs,
+             f"lr_warmup_epochs={config.lr_warmup_epochs} must be fewer than num_epochs={config.num_epochs}")
     _require(all(isinstance(b, int) and b > 1 for b in bounds) and bounds == sorted(set(bounds)),
              f"lr_boundaries={tuple(bounds)} must be strictly increasing epochs >= 2 (1-based: the learning rate "
              "drops at the start of each), e.g. (250, 375)")
-    _require(config.lr_warmup_epochs >= 0 and config.lr_warmup_value > 0,
+    _require(config.lr_warmup_epochs >= 0 and (config.lr_warmup_value > 0 or config.lr_warmup == "linear"
+                                                and config.lr_warmup_value == 0),
              f"lr_warmup_epochs={config.lr_warmup_epochs} must be >= 0 and lr_warmup_value="
-             f"{config.lr_warmup_value} > 0")
+             f"{config.lr_warmup_value} > 0 (0 allowed for a linear warm-up)")
     _require(not bounds or config.lr_warmup_epochs < bounds[0] - 1,
              f"lr_warmup_epochs={config.lr_warmup_epochs} must end before the first lr drop, at the start of "
-             f"epoch {bounds[0]}")
+             f"epoch {bounds[0] if bounds else '-'}")
     _require(0.0 < config.lr_decay <= 1.0, f"lr_decay={config.lr_decay} must lie in (0, 1]")
     _require(0.0 <= config.momentum < 1.0, f"momentum={config.momentum} must lie in [0, 1)")
     _require(config.weight_decay >= 0, f"weight_decay={config.weight_decay} must be >= 0")

@@ -187,6 +187,19 @@ class ResNetCIFAR(nn.Module):
     def survival_probabilities(self) -> np.ndarray:
         return survival_probabilities(self.num_blocks, self.p_last, self.survival_mode)
 
+    def block_macs(self, image_size: int = 32):
+        """(multiply-adds of each residual branch, of everything outside them: stem and classifier)
+        for one image, convolutions and the classifier only."""
+        n = blocks_per_stage(self.depth)
+        costs, channels_in, size = [], STAGE_FEATURES[0], image_size
+        for stage, channels in enumerate(STAGE_FEATURES):
+            for i in range(n):
+                out_size = -(-size // 2) if (stage > 0 and i == 0) else size
+                costs.append(9 * out_size * out_size * channels * (channels_in + channels))
+                channels_in, size = channels, out_size
+        fixed = 9 * image_size * image_size * 3 * STAGE_FEATURES[0] + STAGE_FEATURES[-1] * self.num_classes
+        return np.array(costs, np.float64), float(fixed)
+
     @nn.compact
     def __call__(self, x, train: bool = False, drop_scale: Any = 1.0, mask=None):
         if self.shortcut_downsample not in SHORTCUT_DOWNSAMPLES:

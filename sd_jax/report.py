@@ -18,6 +18,8 @@ import matplotlib.ticker  # noqa: E402
 
 from sd_jax import cli, provenance, records  # noqa: E402
 from sd_jax.bench import expected_step_ratio  # noqa: E402
+from sd_jax.models import ResNetCIFAR  # noqa: E402
+from sd_jax.resnet_imagenet import ResNetImageNet  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -53,11 +55,12 @@ def reference_results() -> dict:
 
 
 def references_for(run: RunRecord, kind: str = "test_error") -> dict:
-    """{source: value} of the published numbers for the run's dataset, depth and schedule."""
+    """{source: value} of the published numbers for the run's dataset, depth and schedule (and
+    number of epochs, where a source gives several: the paper's ImageNet 90 and 120)."""
     c = run.config
     return {r["source"]: r["value"] for r in reference_results()[kind]
             if r["dataset"] == c["dataset"] and r["depth"] == c["depth"] and r["schedule"] == run.schedule
-            and r["p_last"] == c["p_last"]}
+            and r["p_last"] == c["p_last"] and r.get("epochs", c.get("num_epochs")) == c.get("num_epochs")}
 
 
 def plot_figure3(runs, path: str) -> dict:
@@ -106,6 +109,15 @@ def mean_epoch_time(metrics) -> float:
     return sum(m["epoch_time_s"] for m in metrics) / metrics[-1]["epoch"]
 
 
+def run_model(config: dict):
+    """The network of a run's config.json record, enough for its survival schedule and costs (runs
+    from before the `model` key are CIFAR ResNets)."""
+    schedule = dict(p_last=config["p_last"], survival_mode=config["survival_mode"])
+    if config.get("model", "resnet_cifar") == "resnet_imagenet":
+        return ResNetImageNet(config["depth"], drop_downsample_blocks=config["drop_downsample_blocks"], **schedule)
+    return ResNetCIFAR(config["depth"], **schedule)
+
+
 def time_ratios(runs) -> list:
     """(run, measured mean epoch time / constant's, expected from survival probabilities) per SD run."""
     constants = {(r.config["dataset"], r.config["depth"]): r for r in runs if r.schedule == "constant"}
@@ -115,7 +127,7 @@ def time_ratios(runs) -> list:
         if base is None or run is base:
             continue
         out.append((run, mean_epoch_time(run.metrics) / mean_epoch_time(base.metrics),
-                    expected_step_ratio(run.config["depth"], run.config["p_last"], run.config["survival_mode"])))
+                    expected_step_ratio(run_model(run.config))))
     return out
 
 

@@ -115,6 +115,21 @@ class ResNetImageNet(nn.Module):
         probs[droppable] = survival_probabilities(len(droppable), self.p_last, self.survival_mode)
         return probs
 
+    def block_macs(self, image_size: int = 224):
+        """(multiply-adds of each bottleneck branch, of everything outside them: stem, projection
+        shortcuts, which always run, and classifier) for one image, convolutions and fc only."""
+        half = lambda size: -(-size // 2)  # noqa: E731 - a stride-2 conv or pool with "same" padding
+        size, channels_in, costs = half(half(image_size)), STAGE_WIDTHS[0], []
+        fixed = half(image_size) ** 2 * 7 * 7 * 3 * STAGE_WIDTHS[0] + EXPANSION * STAGE_WIDTHS[-1] * self.num_classes
+        for s, (blocks, width) in enumerate(zip(stage_blocks(self.depth), STAGE_WIDTHS)):
+            for i in range(blocks):
+                out = half(size) if (s > 0 and i == 0) else size
+                costs.append(size * size * channels_in * width + out * out * (9 * width * width + width * EXPANSION * width))
+                if i == 0:
+                    fixed += out * out * channels_in * EXPANSION * width
+                channels_in, size = EXPANSION * width, out
+        return np.array(costs, np.float64), float(fixed)
+
     @nn.compact
     def __call__(self, x, train: bool = False, drop_scale: Any = 1.0, mask=None):
         probs = [float(p) for p in self.survival_probabilities()]

@@ -9,6 +9,7 @@ import logging
 import time
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -20,7 +21,8 @@ from jax.sharding import Mesh, PartitionSpec
 from sd_jax import augment, checkpoints, compiler, data, parallel, provenance, records
 from sd_jax.config import ConfigError, resolve_convention, validate
 from sd_jax.models import ResNetCIFAR, active_blocks, count_params
-from sd_jax.survival import drop_scale, expected_active_blocks
+from sd_jax.resnet_imagenet import ResNetImageNet
+from sd_jax.survival import drop_scale
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +36,7 @@ class TrainingPlan:
     """What a run trains besides the config: the model, the optimiser, the step counts, the
     augmentation and the device mesh (no data, no state)."""
 
-    model: ResNetCIFAR
+    model: nn.Module  # ResNetCIFAR or ResNetImageNet
     tx: optax.GradientTransformation
     num_train: int
     steps_per_epoch: int
@@ -50,19 +52,22 @@ def synchronised_batch_norm(config) -> bool:
     return not (config.drop_mode == "block" and config.drop_gates == "per_device")
 
 
-def make_model(config, num_classes: int) -> ResNetCIFAR:
-    """The configured network (`config` with its convention resolved). On one device BatchNorm gets
-    no axis name: averaging over one device is the identity, and with a collective inside every
-    block's cond XLA:CPU spent 0.3 s/step on copies and zero-filled buffers around the conds even
-    with every block dropped (ResNet-110, docs/performance.md)."""
+def make_model(config, num_classes: int) -> nn.Module:
+    """The configured network (`config` with its convention resolved): `config.model` "resnet_cifar"
+    (the convention's initialisers and shortcut) or "resnet_imagenet" (torchvision's). On one device
+    BatchNorm gets no axis name: averaging over one device is the identity, and with a collective
+    inside every block's cond XLA:CPU spent 0.3 s/step on copies and zero-filled buffers around the
+    conds even with every block dropped (ResNet-110, docs/performance.md)."""
     synchronised = synchronised_batch_norm(config) and jax.device_count() > 1
-    return ResNetCIFAR(
-        depth=config.depth, num_classes=num_classes, p_last=config.p_last, survival_mode=config.survival_mode,
-        drop_mode=config.drop_mode, dtype=jnp.dtype(config.dtype), scan_blocks=config.scan_blocks,
-        conv_grads=config.conv_grads, bn_axis_name=parallel.AXIS if synchronised else None,
-        bn_scale_init=config.bn_scale_init, conv_init_fan=config.conv_init_fan,
-        classifier_init=config.classifier_init, shortcut_downsample=config.shortcut_downsample,
-    )
+    common = dict(depth=config.depth, num_classes=num_classes, p_last=config.p_last,
+                  survival_mode=config.survival_mode, drop_mode=config.drop_mode, dtype=jnp.dtype(config.dtype),
+                  scan_blocks=config.scan_blocks, bn_axis_name=parallel.AXIS if synchronised else None)
+    if config.model == "resnet_imagenet":
+        return ResNetImageNet(**common, drop_downsample_blocks=config.drop_downsample_blocks,
+                              zero_init_last_bn=config.zero_init_last_bn)
+    return ResNetCIFAR(**common, conv_grads=config.conv_grads, bn_scale_init=config.bn_scale_init,
+                       conv_init_fan=config.conv_init_fan, classifier_init=config.classifier_init,
+                       shortcut_downsample=config.shortcut_downsample)
 
 
 def steps_per_epoch(num_train: int, batch_size: int, partial_last_batch: bool) -> int:
@@ -72,14 +77,31 @@ def steps_per_epoch(num_train: int, batch_size: int, partial_last_batch: bool) -
 
 
 def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
-    """Piecewise-constant: learning_rate (after lr_warmup_epochs at lr_warmup_value), multiplied by
-    lr_decay at the start of each 1-based boundary epoch, as the authors' main.lua (`0.1 while
-    epochCounter < 250`): the first step of epoch 250 already runs at 0.01."""
-    scales = {(int(b) - 1) * steps_per_epoch: config.lr_decay for b in config.lr_boundaries}
-    if config.lr_warmup_epochs:
-        scales[config.lr_warmup_epochs * steps_per_epoch] = config.learning_rate / config.lr_warmup_value
-        return optax.piecewise_constant_schedule(config.lr_warmup_value, dict(sorted(scales.items())))
-    return optax.piecewise_constant_schedule(config.learning_rate, scales)
+    """The learning rate at each global step.
+
+    "step": learning_rate multiplied by lr_decay at the start of each 1-based boundary epoch, as the
+    authors' main.lua (`0.1 while epochCounter < 250`): the first step of epoch 250 already runs at
+    0.01. "cosine": from learning_rate after the warm-up to 0 at the last step (half a cosine).
+    Warm-up ("constant": lr_warmup_value for lr_warmup_epochs, He et al.; "linear": from
+    lr_warmup_value up to learning_rate, step by step, Goyal et al.) comes first in both.
+    """
+    warmup_steps = config.lr_warmup_epochs * steps_per_epoch
+    if config.lr_schedule == "step" and config.lr_warmup != "linear":  # one piecewise-constant schedule
+        scales = {(int(b) - 1) * steps_per_epoch: config.lr_decay for b in config.lr_boundaries}
+        if warmup_steps:
+            scales[warmup_steps] = config.learning_rate / config.lr_warmup_value
+            return optax.piecewise_constant_schedule(config.lr_warmup_value, dict(sorted(scales.items())))
+        return optax.piecewise_constant_schedule(config.learning_rate, scales)
+    if config.lr_schedule == "cosine":
+        main = optax.cosine_decay_schedule(config.learning_rate, steps_per_epoch * config.num_epochs - warmup_steps)
+    else:  # boundaries counted from the end of the warm-up, where join_schedules restarts the count
+        main = optax.piecewise_constant_schedule(config.learning_rate, {
+            (int(b) - 1) * steps_per_epoch - warmup_steps: config.lr_decay for b in config.lr_boundaries})
+    if not warmup_steps:
+        return main
+    warmup = (optax.linear_schedule(config.lr_warmup_value, config.learning_rate, warmup_steps)
+              if config.lr_warmup == "linear" else optax.constant_schedule(config.lr_warmup_value))
+    return optax.join_schedules([warmup, main], [warmup_steps])
 
 
 def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
@@ -244,7 +266,7 @@ def device_eval_data(dataset: data.Dataset, batch_size: int, mesh: Mesh, mean, s
             "mean": parallel.replicate(mean, mesh), "std": parallel.replicate(std, mesh)}
 
 
-def make_count_errors(config, model: ResNetCIFAR, mesh: Mesh):
+def make_count_errors(config, model: nn.Module, mesh: Mesh):
     """Jitted (variables, eval split, mean, std) -> number of misclassified images (eval mode)."""
     dtype = jnp.dtype(config.dtype)
 
@@ -426,7 +448,7 @@ def log_start(experiment: Experiment, ran_on: dict) -> None:
     log.info("%s: %d train / %d val / %d test images; ResNet-%d, %d parameters, %d blocks, %.2f expected "
              "active; %d steps/epoch on %d x %s", dataset.name, len(dataset.train), len(dataset.val),
              len(dataset.test), config.depth, count_params(experiment.state.params), plan.model.num_blocks,
-             expected_active_blocks(plan.model.num_blocks, config.p_last, config.survival_mode),
+             float(plan.model.survival_probabilities().sum()),
              plan.steps_per_epoch, plan.mesh.size, jax.devices()[0].device_kind)
     log.info("on %s; %s; commit %s", provenance.hardware(ran_on),
              ", ".join(f"{name} {version}" for name, version in ran_on["versions"].items()), ran_on["git_commit"])
@@ -462,8 +484,7 @@ def finish(experiment: Experiment, workdir: records.Workdir, history: list, comp
     summary = records.summarize(history)
     summary.update(num_params=count_params(experiment.state.params), compile_s=compile_s,
                    provenance=ran_on,
-                   expected_active_blocks=expected_active_blocks(plan.model.num_blocks, config.p_last,
-                                                                 config.survival_mode),
+                   expected_active_blocks=float(plan.model.survival_probabilities().sum()),
                    wall_time_s=time.perf_counter() - wall_start)
     workdir.write_summary(summary)
     log.info("test error at best validation (epoch %s): %.2f%%; final test error %.2f%%",

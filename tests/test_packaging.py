@@ -18,4 +18,4 @@ def test_wheel_ships_the_configs_and_the_reference_results(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "sd_jax/reference_results.json" in names
     assert {f"sd_jax/configs/{name}.py" for name in config_names()} <= names
-    assert "quickstart" in config_names() and len(config_names()) == 8
+    assert "quickstart" in config_names() and len(config_names()) == 14

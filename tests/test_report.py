@@ -8,6 +8,7 @@ import pytest
 
 from sd_jax import records, report, training
 from sd_jax.config import load_config, resolve_convention
+from sd_jax.models import ResNetCIFAR
 from tests import notebooks
 from tests.conftest import ROOT
 from tests.test_training import tiny_config
@@ -43,7 +44,7 @@ def test_report_files_and_table_numbers(two_runs, tmp_path):
         assert float(cells[8]) == pytest.approx(summary["final_test_error"], abs=0.005)
         assert cells[1] == "digits" and cells[4] == ("constant" if "constant" in workdir else "linear")
     ratio = re.search(r"([0-9.]+) x constant depth \(mean epoch time\), expected ([0-9.]+)", table)
-    assert ratio and float(ratio.group(2)) == pytest.approx(report.expected_step_ratio(8, 0.5, "linear"), abs=5e-4)
+    assert ratio and float(ratio.group(2)) == pytest.approx(report.expected_step_ratio(ResNetCIFAR(8, p_last=0.5)), abs=5e-4)
 
 
 def test_figure3_draws_test_error_and_training_loss_with_the_best_epoch_in_the_legend(two_runs, tmp_path):
