@@ -23,7 +23,7 @@ def can_reach(host: str, timeout_s: float = 3.0) -> bool:
         return False
 
 
-def _import_tfds():
+def import_tfds():
     try:
         import tensorflow as tf
         import tensorflow_datasets as tfds
@@ -40,7 +40,7 @@ def read_tfds(name: str, data_dir: str, splits):
     Reads what tfds has prepared; if nothing is, downloads and prepares it first, failing within
     seconds (not tfds's minutes of retries) when the download host cannot be reached.
     """
-    tfds = _import_tfds()
+    tfds = import_tfds()
     builder = tfds.builder(TFDS_NAMES[name], data_dir=data_dir or None)
     try:
         return _read_splits(tfds, builder, splits)
