@@ -20,10 +20,10 @@ DROP_GATES = ("shared", "per_device")
 MODEL_DEPTHS = {"resnet_cifar": blocks_per_stage, "resnet_imagenet": stage_blocks}
 LR_SCHEDULES = ("step", "cosine")
 LR_WARMUPS = ("constant", "linear")
-# Datasets whose configs exist but whose input pipeline does not yet: train.py stops at once on them.
-PLANNED_DATASETS = {"imagenet2012": "the ImageNet input pipeline (a host-fed tf.data path: issue #15) is not "
-                                    "available yet; the ImageNet models, configs, torchvision interop and "
-                                    "`python -m sd_jax.bench --model resnet_imagenet` work today"}
+# Datasets fed from the host (too large for the device): sd_jax.imagenet and sd_jax.input_pipeline.
+HOST_FED_DATASETS = ("imagenet2012",)
+DATA_SOURCES = {"tfds": "tensorflow-datasets", "files": "the official files (ImageNet: an ImageFolder) in data_dir",
+                "synthetic": "generated JPEGs, imagenet2012 only"}
 
 
 # Where the paper is silent, whose conventions to follow (README, "Fidelity"). "authors": the
@@ -53,6 +53,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.dataset = "cifar10"
     c.data_source = "tfds"  # "tfds" (downloads and prepares) or "files" (the official files in data_dir)
     c.data_dir = ""  # "" -> tfds's default (~/tensorflow_datasets)
+    c.image_size = 224  # imagenet2012: the side of the training crops and evaluation images
+    c.synthetic_images = (10000, 1000)  # imagenet2012, data_source="synthetic": (train, val) images
+    c.data_threads = 0  # imagenet2012: tf.data's decoding threads (0: tf.data decides)
     c.model = "resnet_cifar"  # or "resnet_imagenet" (bottleneck ResNet-50/101/152)
     c.depth = 110
     c.num_classes = ml_collections.FieldReference(None, field_type=int)  # None -> from the dataset
@@ -161,12 +164,22 @@ def validate(config: ml_collections.ConfigDict, known_datasets, num_devices: int
     """Raise ConfigError naming the first unknown key or bad value, with the accepted values."""
     unknown = sorted(set(config.keys()) - set(default_config().keys()))
     _require(not unknown, f"unknown config key(s) {unknown}; known keys: {sorted(default_config().keys())}")
-    _require(config.dataset not in PLANNED_DATASETS,
-             f"dataset={config.dataset!r}: {PLANNED_DATASETS.get(config.dataset)}")
-    _require(config.dataset in known_datasets,
-             f"dataset={config.dataset!r} is not available; choose one of {sorted(known_datasets)}")
-    _require(config.data_source in ("tfds", "files"),
-             f"data_source={config.data_source!r} must be 'tfds' or 'files' (the official files in data_dir)")
+    datasets = tuple(known_datasets) + HOST_FED_DATASETS
+    _require(config.dataset in datasets, f"dataset={config.dataset!r} is not available; choose one of {sorted(datasets)}")
+    _require(config.data_source in DATA_SOURCES,
+             f"data_source={config.data_source!r} must be one of {DATA_SOURCES}")
+    host_fed = config.dataset in HOST_FED_DATASETS
+    _require(host_fed or config.data_source != "synthetic",
+             f"data_source='synthetic' generates ImageNet-like JPEGs; for dataset={config.dataset!r} use 'tfds' or 'files'")
+    _require(not host_fed or config.model == "resnet_imagenet",
+             f"dataset={config.dataset!r} trains the bottleneck ResNets: set model='resnet_imagenet' (and depth 50/101/152)")
+    _require(not host_fed or config.partial_last_batch is False,
+             f"dataset={config.dataset!r} drops the epoch's last, short batch: set partial_last_batch=False")
+    _require(isinstance(config.image_size, int) and config.image_size >= 32,
+             f"image_size={config.image_size} must be an integer >= 32 pixels")
+    _require(len(config.synthetic_images) == 2 and min(config.synthetic_images) >= 1,
+             f"synthetic_images={config.synthetic_images} must be (train, val) image counts >= 1")
+    _require(config.data_threads >= 0, f"data_threads={config.data_threads} must be >= 0 (0: tf.data decides)")
     _require(config.model in MODEL_DEPTHS, f"model={config.model!r} must be one of {tuple(MODEL_DEPTHS)}")
     try:
         MODEL_DEPTHS[config.model](config.depth)

@@ -43,6 +43,10 @@ class Dataset:
     translate: int  # default augmentation: random translation by up to this many pixels
     flip: bool  # default augmentation: random horizontal flips
 
+    @property
+    def image_shape(self) -> tuple:
+        return self.train.images.shape[1:]
+
     def normalization(self, how: str):
         """(mean, std) of the training split in [0, 1] pixel units; see `normalization_stats`."""
         return normalization_stats(self.train.images, how)

@@ -32,9 +32,8 @@ def evaluate(workdir: str, which: str = checkpoints.LATEST) -> dict:
     if restored is None:
         raise checkpoints.CheckpointError(f"no {which} checkpoint in {workdir!r}")
     state, meta = restored
-    count_errors = training.make_count_errors(config, experiment.plan.model, experiment.plan.mesh)
     return {"workdir": workdir, "checkpoint": which, "epoch": meta["epoch"], "step": int(state.step),
-            **training.error_rates(count_errors, training.eval_variables(state), experiment.eval_data)}
+            **training.make_feed(experiment).error_rates(training.eval_variables(state))}
 
 
 def arg_parser():

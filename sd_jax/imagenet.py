@@ -10,9 +10,7 @@ sources and pretrained torchvision weights agree on what label 7 means.
 import dataclasses
 import functools
 import os
-from typing import Optional
-
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -99,7 +97,7 @@ def hold_out_minival(train: ImageSplit, fraction: float = MINIVAL_FRACTION) -> t
     """(train without minival, minival): `fraction` of train chosen by a fixed permutation (seed 0),
     so the held-out images spread over all classes whatever order the source lists them in."""
     order = np.random.default_rng(0).permutation(len(train))
-    held = int(round(fraction * len(train)))
+    held = max(1, int(round(fraction * len(train))))
     return train.take(np.sort(order[held:]), "train"), train.take(np.sort(order[:held]), "minival")
 
 
@@ -137,3 +135,51 @@ def records_split(builder, tfds_split: str, name: str) -> ImageSplit:
         labels = np.fromiter((records[i]["label"] for i in range(len(records))), np.int32, len(records))
         np.save(cache, labels)
     return ImageSplit(name, labels, records=records)
+
+
+# torchvision's ImageNet statistics (per channel, [0, 1] pixel units): the normalisation every
+# pretrained torchvision ResNet expects; computing them over 1.28M JPEGs at each start is not worth it.
+MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageNetData:
+    """ImageNet's splits as the training loop sees them: `val` is the minival held out of train
+    (it picks the best epoch), `test` the official 50k validation images (the number the paper
+    reports), so a run's "test error at best validation" keeps its meaning."""
+
+    train: ImageSplit
+    val: ImageSplit
+    test: ImageSplit
+    image_size: int
+    threads: int
+    name: str = "imagenet2012"
+    num_classes: int = NUM_CLASSES
+    translate: int = 0  # the random-resized crop happens on the host
+    flip: bool = True
+
+    @property
+    def image_shape(self) -> tuple:
+        return (self.image_size, self.image_size, 3)
+
+    def normalization(self, how: str):
+        """torchvision's per-channel statistics, whatever `how` (only per-channel makes sense here)."""
+        return MEAN, STD
+
+
+def load(config) -> ImageNetData:
+    """The splits `config.data_source` names: "tfds" (imagenet2012 from its tars), "files" (an
+    ImageFolder in data_dir) or "synthetic" (`config.synthetic_images` = (train, val) generated JPEGs)."""
+    if config.data_source == "tfds":
+        splits = tfds_splits(config.data_dir)
+    elif config.data_source == "files":
+        if not config.data_dir:
+            raise DataError("data_source='files' needs data_dir: the folder holding train/<wnid>/*.JPEG and "
+                            "val/<wnid>/*.JPEG")
+        splits = {name: image_folder(config.data_dir, name) for name in ("train", "val")}
+    else:
+        num_train, num_val = config.synthetic_images
+        splits = {"train": synthetic("train", num_train, seed=0), "val": synthetic("val", num_val, seed=1)}
+    train, minival = hold_out_minival(splits["train"])
+    return ImageNetData(train, minival, splits["val"], config.image_size, config.data_threads)

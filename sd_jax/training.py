@@ -5,6 +5,7 @@ every step gathers, normalises and augments its batch inside the jitted loop. St
 `fold_in(root, step)`, so a run is reproducible from its seed.
 """
 import dataclasses
+import functools
 import logging
 import time
 from typing import Any
@@ -18,8 +19,8 @@ import optax
 from flax.training import train_state
 from jax.sharding import Mesh, PartitionSpec
 
-from sd_jax import augment, checkpoints, compiler, data, parallel, provenance, records
-from sd_jax.config import ConfigError, resolve_convention, validate
+from sd_jax import augment, checkpoints, compiler, data, imagenet, parallel, provenance, records
+from sd_jax.config import HOST_FED_DATASETS, ConfigError, resolve_convention, validate
 from sd_jax.models import ResNetCIFAR, active_blocks, count_params
 from sd_jax.resnet_imagenet import ResNetImageNet
 from sd_jax.survival import drop_scale
@@ -195,35 +196,18 @@ def train_step(state: TrainState, images, labels, mask, num_real, keys, plan: Tr
 TRAIN_METRICS = ("loss", "errors", "images", "active_blocks", "steps")
 
 
-def make_train_steps(plan: TrainingPlan, config):
-    """Jitted (state, train_data, keys, epoch permutation, first, count) -> (state, summed metrics).
-
-    Runs `count` consecutive steps of the epoch starting at its step `first` in one device loop;
-    both are traced, so every chunk length shares one compilation. Each device takes its slice of
-    every global batch (and of the batch's random augmentation draws) from the replicated dataset,
-    so the result does not depend on the number of devices. Positions past the end of the
-    (padded) permutation are the padding of the epoch's last batch: masked out of the step.
-    """
-    batch = config.batch_size
-    local = batch // plan.mesh.size
-    dtype = jnp.dtype(config.dtype)
-
-    def train_steps(state, train_data, keys, perm, first, count):
-        device = jax.lax.axis_index(parallel.AXIS)
-        mine = lambda x: jax.lax.dynamic_slice_in_dim(x, device * local, local)
+def make_multi_step(plan: TrainingPlan, config, batch_of, data_spec, num_extra: int):
+    """Jitted (state, data, keys, *extra, count) -> (state, summed metrics): `count` consecutive
+    steps in one device loop, under `shard_map` over the "data" axis. `count` is traced, so every
+    chunk length shares one compilation. `batch_of(i, step, data, keys, *extra)` returns step i's
+    (images, labels, mask, num_real) on this device; `data` is laid out as `data_spec` says, the
+    keys and the `num_extra` other arguments are replicated."""
+    def multi_step(state, data, keys, *args):
+        *extra, count = args
 
         def body(i, carry):
             state, sums = carry
-            start = (first + i) * batch
-            indices = jax.lax.dynamic_slice(perm, (start,), (batch,))
-            real = start + jnp.arange(batch) < plan.num_train
-            draws = augment.random_draws(jax.random.fold_in(keys["augment"], state.step), batch,
-                                         plan.translate, plan.flip)
-            images, labels = augment.training_batch(
-                train_data["images"], train_data["labels"], mine(indices), jax.tree.map(mine, draws),
-                train_data["mean"], train_data["std"], plan.translate, dtype)
-            mask = mine(real) if config.partial_last_batch else None
-            num_real = jnp.sum(real).astype(jnp.float32)
+            images, labels, mask, num_real = batch_of(i, state.step, data, keys, *extra)
             state, metrics = train_step(state, images, labels, mask, num_real, keys, plan, config)
             return state, jax.tree.map(jnp.add, sums, metrics)
 
@@ -231,9 +215,65 @@ def make_train_steps(plan: TrainingPlan, config):
         return jax.lax.fori_loop(0, count, body, (state, zeros))
 
     replicated = PartitionSpec()
-    sharded = jax.shard_map(train_steps, mesh=plan.mesh, in_specs=(replicated,) * 6,
+    sharded = jax.shard_map(multi_step, mesh=plan.mesh, in_specs=(replicated, data_spec, *(replicated,) * (num_extra + 2)),
                             out_specs=(replicated, replicated), check_vma=False)
     return compiler.jit(sharded, donate_argnums=0)
+
+
+def this_devices_share(x, batch: int, mesh: Mesh):
+    """This device's slice of a global-batch-sized array (inside `shard_map`)."""
+    local = batch // mesh.size
+    return jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(parallel.AXIS) * local, local)
+
+
+def make_train_steps(plan: TrainingPlan, config):
+    """Jitted (state, train_data, keys, epoch permutation, first, count) -> (state, summed metrics),
+    the dataset resident on the device (CIFAR, SVHN).
+
+    Runs `count` consecutive steps of the epoch starting at its step `first` in one device loop.
+    Each device takes its slice of every global batch (and of the batch's random augmentation
+    draws) from the replicated dataset, so the result does not depend on the number of devices.
+    Positions past the end of the (padded) permutation are the padding of the epoch's last batch:
+    masked out of the step.
+    """
+    batch = config.batch_size
+    dtype = jnp.dtype(config.dtype)
+    mine = functools.partial(this_devices_share, batch=batch, mesh=plan.mesh)
+
+    def batch_of(i, step, train_data, keys, perm, first):
+        start = (first + i) * batch
+        indices = jax.lax.dynamic_slice(perm, (start,), (batch,))
+        real = start + jnp.arange(batch) < plan.num_train
+        draws = augment.random_draws(jax.random.fold_in(keys["augment"], step), batch, plan.translate, plan.flip)
+        images, labels = augment.training_batch(
+            train_data["images"], train_data["labels"], mine(indices), jax.tree.map(mine, draws),
+            train_data["mean"], train_data["std"], plan.translate, dtype)
+        mask = mine(real) if config.partial_last_batch else None
+        return images, labels, mask, jnp.sum(real).astype(jnp.float32)
+
+    return make_multi_step(plan, config, batch_of, PartitionSpec(), num_extra=2)
+
+
+HOST_BATCH_SPEC = {"images": PartitionSpec(None, parallel.AXIS), "labels": PartitionSpec(None, parallel.AXIS),
+                   "mean": PartitionSpec(), "std": PartitionSpec()}
+
+
+def make_host_train_steps(plan: TrainingPlan, config):
+    """Jitted (state, host batches, keys, count) -> (state, summed metrics), the batches decoded on
+    the host (ImageNet): {"images": uint8 (K, B, S, S, 3), "labels": (K, B)} split over the devices
+    along B, with the normalisation "mean" and "std"; the first `count` of the K batches are trained.
+    Flips are drawn on the device from the step, as for device-resident data; the crops were made
+    on the host (sd_jax.input_pipeline)."""
+    batch = config.batch_size
+    dtype = jnp.dtype(config.dtype)
+
+    def batch_of(i, step, host, keys):
+        flips = augment.random_draws(jax.random.fold_in(keys["augment"], step), batch, 0, plan.flip)["flips"]
+        images = augment.normalize(host["images"][i], host["mean"], host["std"], dtype)
+        images = augment.flip(images, this_devices_share(flips, batch, plan.mesh))
+        return images, host["labels"][i], None, jnp.float32(batch)
+
+    return make_multi_step(plan, config, batch_of, HOST_BATCH_SPEC, num_extra=0)
 
 
 def epoch_permutation(keys, epoch: int, plan: TrainingPlan, batch_size: int):
@@ -286,6 +326,24 @@ def make_count_errors(config, model: nn.Module, mesh: Mesh):
     return compiler.jit(sharded)
 
 
+def make_batch_errors(config, model: nn.Module, mesh: Mesh):
+    """Jitted (variables, images, labels, mean, std) -> (top-1, top-5 misclassified) of one host
+    batch split over the devices; labels -1 (padding) count as neither."""
+    dtype = jnp.dtype(config.dtype)
+
+    def batch_errors(variables, images, labels, mean, std):
+        logits = model.apply(variables, augment.normalize(images, mean, std, dtype), train=False)
+        real = labels >= 0
+        top5 = jnp.any(jax.lax.top_k(logits, 5)[1] == labels[:, None], axis=-1)
+        wrong = jnp.stack([jnp.sum((jnp.argmax(logits, -1) != labels) & real), jnp.sum(~top5 & real)])
+        return jax.lax.psum(wrong, parallel.AXIS)
+
+    replicated, batch_split = PartitionSpec(), PartitionSpec(parallel.AXIS)
+    sharded = jax.shard_map(batch_errors, mesh=mesh, out_specs=replicated, check_vma=False,
+                            in_specs=(replicated, batch_split, batch_split, replicated, replicated))
+    return compiler.jit(sharded)
+
+
 def error_rates(count_errors, variables: dict, eval_data: dict) -> dict:
     """{"val_error", "test_error"}: percent misclassified by the model `variables` (the one
     evaluation loop: training, sd_jax.evaluate and sd_jax.interop)."""
@@ -320,15 +378,20 @@ def make_experiment(config: ml_collections.ConfigDict) -> Experiment:
     of `config` left at None are set from its convention). Every check that needs the data (batch
     size, number of classes) raises ConfigError here, before anything is written."""
     resolve_convention(config)
-    dataset = data.load_dataset(config.dataset, config.data_dir, config.data_source)
+    host_fed = config.dataset in HOST_FED_DATASETS
+    dataset = imagenet.load(config) if host_fed else data.load_dataset(config.dataset, config.data_dir,
+                                                                        config.data_source)
     if config.num_classes is not None and config.num_classes != dataset.num_classes:
         raise ConfigError(f"num_classes={config.num_classes} but {dataset.name} has {dataset.num_classes} "
                           "classes; leave num_classes unset to take it from the dataset")
     mesh = parallel.make_mesh()
     plan = make_plan(config, len(dataset.train), dataset.num_classes, dataset.translate, dataset.flip, mesh)
     keys = parallel.replicate(run_keys(config.seed), mesh)
-    state = parallel.replicate(make_train_state(keys["init"], plan, dataset.train.images.shape[1:]), mesh)
+    state = parallel.replicate(make_train_state(keys["init"], plan, dataset.image_shape), mesh)
     mean, std = dataset.normalization(config.normalization)
+    if host_fed:  # the images stay on the host: sd_jax.input_pipeline feeds them (HostFeed)
+        return Experiment(config, dataset, plan, keys, state, parallel.replicate({"mean": mean, "std": std}, mesh),
+                          None)
     train_data = parallel.replicate({"images": dataset.train.images, "labels": dataset.train.labels,
                                      "mean": mean, "std": std}, mesh)
     eval_data = device_eval_data(dataset, config.eval_batch_size, mesh, mean, std)
@@ -348,22 +411,114 @@ def epoch_of(step: int, steps_per_epoch: int):
     return step // steps_per_epoch if step % steps_per_epoch == 0 else round(step / steps_per_epoch, 4)
 
 
-class Trainer:
-    """The phases of a run after setup: train up to the next evaluation, evaluate, record, log."""
+class DeviceFeed:
+    """Training and evaluation on a dataset resident on the devices (CIFAR, SVHN): each call
+    gathers its batches there from the epoch's permutation."""
 
-    def __init__(self, experiment: Experiment, workdir: records.Workdir, ckpts: checkpoints.Checkpoints,
-                 train_steps, count_errors):
-        self.experiment, self.config, self.plan = experiment, experiment.config, experiment.plan
-        self.workdir, self.ckpts = workdir, ckpts
-        self.train_steps, self.count_errors = train_steps, count_errors
-        self.schedule = learning_rate_schedule(self.config, self.plan.steps_per_epoch)
+    def __init__(self, experiment: Experiment):
+        self.experiment = experiment
+        self.train_steps = make_train_steps(experiment.plan, experiment.config)
+        self.count_errors = make_count_errors(experiment.config, experiment.plan.model, experiment.plan.mesh)
         self.permutations = {}
 
     def permutation(self, epoch: int):
         if epoch not in self.permutations:
-            self.permutations = {epoch: epoch_permutation(self.experiment.keys, epoch, self.plan,
-                                                          self.config.batch_size)}
+            self.permutations = {epoch: epoch_permutation(self.experiment.keys, epoch, self.experiment.plan,
+                                                          self.experiment.config.batch_size)}
         return self.permutations[epoch]
+
+    def compile(self, state: TrainState) -> None:
+        self.train_steps = self.train_steps.lower(state, self.experiment.train_data, self.experiment.keys,
+                                                  self.permutation(0), 0, 1).compile()
+
+    def train(self, state: TrainState, epoch: int, first: int, count: int):
+        """`count` steps from step `first` (0-based) of `epoch` (1-based): (state, summed metrics)."""
+        return self.train_steps(state, self.experiment.train_data, self.experiment.keys, self.permutation(epoch),
+                                first, count)
+
+    def error_rates(self, variables: dict) -> dict:
+        return error_rates(self.count_errors, variables, self.experiment.eval_data)
+
+
+class HostFeed:
+    """Training and evaluation on batches decoded on the host (ImageNet, sd_jax.input_pipeline):
+    `steps_per_call` batches stacked per jitted call. The pipeline restarts wherever the loop asks
+    (a resumed run), and its order and crops depend on (seed, epoch, index) only, so a resumed run
+    trains on exactly the uninterrupted run's batches."""
+
+    def __init__(self, experiment: Experiment):
+        # TensorFlow loads only for host-fed data: it costs seconds at start, and PyTorch's triton
+        # imported after it in the same process (the parity tests) crashes.
+        from sd_jax import input_pipeline
+
+        self.pipeline = input_pipeline
+        self.experiment, self.config, self.plan = experiment, experiment.config, experiment.plan
+        self.train_steps = make_host_train_steps(self.plan, self.config)
+        self.batch_errors = make_batch_errors(self.config, self.plan.model, self.plan.mesh)
+        self.batches, self.position = None, None  # the open epoch's batches, and the (epoch, step) they yield next
+        size = experiment.dataset.image_size
+        self.chunk_shape = (self.config.steps_per_call, self.config.batch_size)
+        self.image_shape = (size, size, 3)
+
+    def host_arrays(self, images, labels) -> dict:
+        """Global device arrays from this process's stacked batches (K, local, ...), split along the batch."""
+        sharding = jax.sharding.NamedSharding(self.plan.mesh, PartitionSpec(None, parallel.AXIS))
+        put = lambda x, shape: jax.make_array_from_process_local_data(sharding, x, shape)  # noqa: E731
+        return {"images": put(images, self.chunk_shape + self.image_shape), "labels": put(labels, self.chunk_shape),
+                **{k: self.experiment.train_data[k] for k in ("mean", "std")}}
+
+    def local_chunk(self):
+        local = self.config.batch_size // jax.process_count()
+        return (np.zeros((self.config.steps_per_call, local) + self.image_shape, np.uint8),
+                np.zeros((self.config.steps_per_call, local), np.int32))
+
+    def compile(self, state: TrainState) -> None:
+        self.train_steps = self.train_steps.lower(state, self.host_arrays(*self.local_chunk()), self.experiment.keys,
+                                                  1).compile()
+
+    def train(self, state: TrainState, epoch: int, first: int, count: int):
+        if self.position != (epoch, first):
+            split = self.experiment.dataset.train
+            indices, dataset = self.pipeline.train_batches(
+                split, self.config.seed, epoch, self.config.batch_size, self.experiment.dataset.image_size,
+                jax.process_index(), jax.process_count(), start_step=first, threads=self.experiment.dataset.threads)
+            self.batches = self.pipeline.numpy_batches(split, indices, dataset)
+        images, labels = self.local_chunk()
+        for i in range(count):
+            images[i], labels[i] = next(self.batches)
+        self.position = (epoch, first + count)
+        return self.train_steps(state, self.host_arrays(images, labels), self.experiment.keys, count)
+
+    def error_rates(self, variables: dict) -> dict:
+        """Top-1 and top-5 error (percent) on the minival ("val") and the official validation images ("test")."""
+        dataset, sharding = self.experiment.dataset, jax.sharding.NamedSharding(self.plan.mesh, PartitionSpec(parallel.AXIS))
+        batch, rates = self.config.eval_batch_size, {}
+        for name in ("val", "test"):
+            split = getattr(dataset, name)
+            indices, batches = self.pipeline.eval_batches(split, batch, dataset.image_size, jax.process_index(),
+                                                           jax.process_count(), dataset.threads)
+            wrong = np.zeros(2)
+            for images, labels in self.pipeline.numpy_batches(split, indices, batches):
+                put = lambda x: jax.make_array_from_process_local_data(sharding, x, (batch,) + x.shape[1:])  # noqa: E731
+                wrong += np.asarray(self.batch_errors(variables, put(images), put(labels),
+                                                      self.experiment.train_data["mean"],
+                                                      self.experiment.train_data["std"]))
+            rates[f"{name}_error"], rates[f"{name}_top5_error"] = (100.0 * wrong / len(split)).tolist()
+        return rates
+
+
+def make_feed(experiment: Experiment):
+    """The experiment's feed: from the host for ImageNet, else from the device-resident dataset."""
+    return HostFeed(experiment) if experiment.config.dataset in HOST_FED_DATASETS else DeviceFeed(experiment)
+
+
+class Trainer:
+    """The phases of a run after setup: train up to the next evaluation, evaluate, record, log."""
+
+    def __init__(self, experiment: Experiment, workdir: records.Workdir, ckpts: checkpoints.Checkpoints, feed):
+        self.experiment, self.config, self.plan = experiment, experiment.config, experiment.plan
+        self.workdir, self.ckpts, self.feed = workdir, ckpts, feed
+        self.schedule = learning_rate_schedule(self.config, self.plan.steps_per_epoch)
 
     def train_until(self, state: TrainState, stop: int):
         """Train from `state.step` up to global step `stop` in chunks of at most `steps_per_call`
@@ -371,11 +526,11 @@ class Trainer:
         spe, total = self.plan.steps_per_epoch, self.plan.total_steps
         totals = dict.fromkeys(TRAIN_METRICS, 0.0)
         step, last_log = int(state.step), time.perf_counter()
+        started = last_log
         while step < stop:
             epoch, first = step // spe + 1, step % spe
             count = min(self.config.steps_per_call, stop - step, spe - first)
-            state, sums = self.train_steps(state, self.experiment.train_data, self.experiment.keys,
-                                           self.permutation(epoch), first, count)
+            state, sums = self.feed.train(state, epoch, first, count)
             sums = {k: float(v) for k, v in jax.device_get(sums).items()}
             if not np.isfinite(sums["loss"]):
                 raise TrainingDiverged(
@@ -386,8 +541,9 @@ class Trainer:
             step += count
             if time.perf_counter() - last_log > 30 and step < stop:
                 last_log = time.perf_counter()
-                log.info("epoch %d: step %d/%d (%d/%d in all), loss %.4f", epoch, step - (epoch - 1) * spe, spe,
-                         step, total, totals["loss"] / totals["images"])
+                log.info("epoch %d: step %d/%d (%d/%d in all), loss %.4f, %.0f img/s", epoch,
+                         step - (epoch - 1) * spe, spe, step, total, totals["loss"] / totals["images"],
+                         totals["images"] / (last_log - started))
         return state, totals
 
     def evaluate(self, state: TrainState, totals: dict, lr: float, seconds: float) -> dict:
@@ -398,7 +554,7 @@ class Trainer:
             "step": step,
             "train_loss": totals["loss"] / totals["images"],
             "train_error": 100.0 * totals["errors"] / totals["images"],
-            **error_rates(self.count_errors, eval_variables(state), self.experiment.eval_data),
+            **self.feed.error_rates(eval_variables(state)),
             "lr": lr,
             "epoch_time_s": seconds,
             "images_per_s": totals["images"] / seconds,
@@ -418,9 +574,11 @@ class Trainer:
     def log_line(self, line: dict) -> None:
         progress = (f"epoch {line['epoch']}/{self.config.num_epochs}" if not self.config.eval_every_steps else
                     f"step {line['step']}/{self.plan.total_steps} (epoch {line['epoch']:.2f})")
-        log.info("%s  loss %.4f  train %.2f%%  val %.2f%%  test %.2f%%  lr %.4g  %.1f s (%.0f img/s)  "
+        top5 = (f" (top-5 {line['val_top5_error']:.2f}% / {line['test_top5_error']:.2f}%)"
+                if "val_top5_error" in line else "")
+        log.info("%s  loss %.4f  train %.2f%%  val %.2f%%  test %.2f%%%s  lr %.4g  %.1f s (%.0f img/s)  "
                  "active blocks %.1f/%d", progress, line["train_loss"], line["train_error"], line["val_error"],
-                 line["test_error"], line["lr"], line["epoch_time_s"], line["images_per_s"],
+                 line["test_error"], top5, line["lr"], line["epoch_time_s"], line["images_per_s"],
                  line["mean_active_blocks"], self.plan.model.num_blocks)
 
     def fit(self, state: TrainState, history: list) -> TrainState:
@@ -465,15 +623,13 @@ def resume(experiment: Experiment, workdir: records.Workdir, ckpts: checkpoints.
 
 
 def compile_steps(experiment: Experiment, state: TrainState):
-    """(train_steps compiled for the run's shapes, count_errors, seconds taken)."""
+    """(the experiment's feed with its train step compiled for the run's shapes, seconds taken)."""
     start = time.perf_counter()
-    plan, config, keys = experiment.plan, experiment.config, experiment.keys
-    perm = epoch_permutation(keys, 0, plan, config.batch_size)
-    train_steps = make_train_steps(plan, config).lower(state, experiment.train_data, keys, perm, 0, 1).compile()
-    count_errors = make_count_errors(config, plan.model, plan.mesh)
+    feed = make_feed(experiment)
+    feed.compile(state)
     seconds = time.perf_counter() - start
     log.info("compiled the train step in %.1f s", seconds)
-    return train_steps, count_errors, seconds
+    return feed, seconds
 
 
 def finish(experiment: Experiment, workdir: records.Workdir, history: list, compile_s: float,
@@ -509,8 +665,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, restart:
     log_start(experiment, ran_on)
     ckpts = checkpoints.Checkpoints(workdir)
     state, history = resume(experiment, run_files, ckpts)
-    train_steps, count_errors, compile_s = compile_steps(experiment, state)
-    Trainer(experiment, run_files, ckpts, train_steps, count_errors).fit(state, history)
+    feed, compile_s = compile_steps(experiment, state)
+    Trainer(experiment, run_files, ckpts, feed).fit(state, history)
     return finish(experiment, run_files, history, compile_s, wall_start, ran_on)
 
 

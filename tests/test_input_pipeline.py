@@ -1,16 +1,24 @@
 """ImageNet's host side: the ImageFolder and synthetic sources, the crops, the stateless order and
 the per-process shards (sd_jax.imagenet, sd_jax.input_pipeline)."""
 import io
+import json
 import tarfile
 
 import numpy as np
 import pytest
-import tensorflow as tf
 from PIL import Image
 
 from sd_jax import imagenet
-from sd_jax import input_pipeline as ip
 from sd_jax.data_files import DataError
+
+@pytest.fixture(scope="module")
+def ip():
+    """sd_jax.input_pipeline, imported only when these tests run: TensorFlow loaded while pytest
+    collects would precede PyTorch's triton in the parity tests' process, an order that crashes."""
+    from sd_jax import input_pipeline
+
+    return input_pipeline
+
 
 WNIDS = ("n01440764", "n01443537", "n01484850")  # tench, goldfish, great white shark: labels 0, 1, 2
 
@@ -57,12 +65,12 @@ def test_image_folder_lists_images_with_imagenet_labels(image_folder):
 
 
 @pytest.mark.parametrize("index", range(9))
-def test_every_file_decodes_to_the_pixels_pil_sees(image_folder, index):
+def test_every_file_decodes_to_the_pixels_pil_sees(ip, image_folder, index):
     """The quirks included: PNG bytes behind .JPEG, CMYK and grayscale JPEGs all come out RGB."""
     train = imagenet.image_folder(str(image_folder), "train")
     data = ip.read_encoded(train, index)
     shape = ip.image_shape(data).numpy()
-    pixels = ip.decode_window(data, tf.constant([0, 0, *shape])).numpy()
+    pixels = ip.decode_window(data, ip.tf.constant([0, 0, *shape])).numpy()
     reference = np.asarray(Image.open(train.paths[index]).convert("RGB"))
     assert pixels.shape == reference.shape and pixels.dtype == np.uint8
     assert np.abs(pixels.astype(int) - reference).max() <= 4  # JPEG decoders differ by a few levels
@@ -80,7 +88,7 @@ def test_folder_errors_name_what_is_wrong(image_folder, tmp_path):
         imagenet.image_folder(str(tmp_path), "train")
 
 
-def test_an_unreadable_file_is_named(image_folder, tmp_path):
+def test_an_unreadable_file_is_named(ip, image_folder, tmp_path):
     folder = tmp_path / "train" / "n01440764"
     folder.mkdir(parents=True)
     for i in range(3):
@@ -92,7 +100,7 @@ def test_an_unreadable_file_is_named(image_folder, tmp_path):
         list(ip.numpy_batches(split, indices, dataset))
 
 
-def test_batches_have_the_shapes_and_are_a_function_of_seed_epoch_and_step(image_folder):
+def test_batches_have_the_shapes_and_are_a_function_of_seed_epoch_and_step(ip, image_folder):
     train = imagenet.image_folder(str(image_folder), "train")
     first = list(ip.numpy_batches(train, *ip.train_batches(train, seed=3, epoch=2, batch_size=4, image_size=48)))
     assert len(first) == 2  # 9 images in batches of 4: the short last batch is dropped
@@ -108,7 +116,7 @@ def test_batches_have_the_shapes_and_are_a_function_of_seed_epoch_and_step(image
     assert np.array_equal(np.concatenate([b[1] for b in first]), train.labels[order[:8]])
 
 
-def test_process_slices_are_disjoint_and_cover_every_global_batch():
+def test_process_slices_are_disjoint_and_cover_every_global_batch(ip):
     order = ip.epoch_order(1003, seed=0, epoch=1)
     slices = [ip.process_slices(order, 40, p, 4) for p in range(4)]
     assert all(s.shape == (25, 10) for s in slices)
@@ -119,23 +127,23 @@ def test_process_slices_are_disjoint_and_cover_every_global_batch():
         ip.process_slices(order, 42, 0, 4)
 
 
-def test_evaluation_covers_each_image_once_and_pads_with_label_minus_one(image_folder):
+def test_evaluation_covers_each_image_once_and_pads_with_label_minus_one(ip, image_folder):
     val = imagenet.image_folder(str(image_folder), "val")
     halves = [list(ip.numpy_batches(val, *ip.eval_batches(val, 4, 32, p, 2))) for p in range(2)]
     labels = np.concatenate([np.concatenate([h[b][1] for h in halves]) for b in range(2)])
     assert labels.tolist() == val.labels.tolist() + [-1, -1]
 
 
-def window_geometry(shape, seed):
-    window = ip.random_window(tf.constant(shape, tf.int32), tf.constant([seed, 7], tf.int64)).numpy()
+def window_geometry(ip, shape, seed):
+    window = ip.random_window(ip.tf.constant(shape, ip.tf.int32), ip.tf.constant([seed, 7], ip.tf.int64)).numpy()
     return window, window[2] * window[3] / (shape[0] * shape[1]), window[3] / window[2]
 
 
-def test_random_crops_follow_the_area_and_aspect_ranges():
+def test_random_crops_follow_the_area_and_aspect_ranges(ip):
     shape = (375, 500)
-    areas, centre = [], ip.centre_window(tf.constant(shape)).numpy().tolist()
+    areas, centre = [], ip.centre_window(ip.tf.constant(shape)).numpy().tolist()
     for seed in range(200):
-        window, area, aspect = window_geometry(shape, seed)
+        window, area, aspect = window_geometry(ip, shape, seed)
         assert 0 <= window[0] and window[0] + window[2] <= shape[0] and 0 <= window[1] and window[1] + window[3] <= shape[1]
         if window.tolist() != centre:
             assert 0.08 - 0.01 <= area <= 1.0 and 3 / 4 - 0.02 <= aspect <= 4 / 3 + 0.02  # integer pixels
@@ -143,15 +151,15 @@ def test_random_crops_follow_the_area_and_aspect_ranges():
     assert min(areas) < 0.2 and max(areas) > 0.8  # the whole range is used
 
 
-def test_impossible_crops_fall_back_to_the_centre_crop():
+def test_impossible_crops_fall_back_to_the_centre_crop(ip):
     shape = (12, 1000)  # no window with aspect 3/4-4/3 covers 8% of this strip
-    window, _, _ = window_geometry(shape, 0)
+    window, _, _ = window_geometry(ip, shape, 0)
     assert window.tolist() == [(12 - 10 + 1) // 2, (1000 - 10 + 1) // 2, 10, 10]  # 0.875 x 12 = 10.5 -> 10
     # 224 of 256 (0.875), centred; an odd margin puts the extra pixel before the crop, as the flax example
-    assert ip.centre_window(tf.constant([256, 341])).numpy().tolist() == [16, (341 - 224 + 1) // 2, 224, 224]
+    assert ip.centre_window(ip.tf.constant([256, 341])).numpy().tolist() == [16, (341 - 224 + 1) // 2, 224, 224]
 
 
-def test_synthetic_images_are_deterministic_jpegs_of_imagenet_like_size():
+def test_synthetic_images_are_deterministic_jpegs_of_imagenet_like_size(ip):
     split = imagenet.synthetic("train", 50, seed=1)
     assert split.paths is None and len(split) == 50 and len(set(split.labels.tolist())) == 50
     sizes = [tuple(ip.image_shape(ip.synthetic_jpeg(1, i)).numpy()) for i in range(20)]
@@ -194,7 +202,7 @@ def tfds_manual_dir(image_folder, tmp_path_factory):
     return manual.parent.parent
 
 
-def test_the_real_tfds_builder_prepares_the_official_tars_and_agrees_with_the_folder(tfds_manual_dir, image_folder):
+def test_the_real_tfds_builder_prepares_the_official_tars_and_agrees_with_the_folder(ip, tfds_manual_dir, image_folder):
     splits = imagenet.tfds_splits(str(tfds_manual_dir))
     train, val = splits["train"], splits["val"]
     assert (len(train), len(val)) == (9, 6)
@@ -205,7 +213,7 @@ def test_the_real_tfds_builder_prepares_the_official_tars_and_agrees_with_the_fo
         assert train.labels[i] == label_of_file[name]
         reference = np.asarray(Image.open(image_folder / "train" / name.split("_")[0] / name).convert("RGB"))
         data = ip.read_encoded(train, i)
-        assert np.abs(ip.decode_window(data, tf.constant([0, 0, *reference.shape[:2]])).numpy().astype(int)
+        assert np.abs(ip.decode_window(data, ip.tf.constant([0, 0, *reference.shape[:2]])).numpy().astype(int)
                       - reference).max() <= 4
     # tfds labels validation images from its list: ILSVRC2012_val_00000001 is a sea snake (n01751748).
     first = [val.records[i]["file_name"] for i in range(len(val))].index(b"ILSVRC2012_val_00000001.JPEG")
@@ -221,3 +229,17 @@ def test_without_the_tars_tfds_fails_at_once_naming_them(tmp_path):
     message = str(error.value)
     assert "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar" in message
     assert str(tmp_path / "downloads" / "manual") in message and "data_source='files'" in message
+
+
+def test_bench_input_times_the_loader_and_the_host_fed_step(capsys, tmp_path):
+    from sd_jax import bench_input  # imports TensorFlow: see the `ip` fixture
+
+    bench_input.main(["--images", "16", "--image-size", "32", "--batch-size", "4", "--threads", "1,2", "--rounds", "1",
+                      "--end-to-end", "--steps-per-call", "2", "--calls", "1", "--dir", str(tmp_path)])
+    *rows, summary = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["measure"], r.get("threads")) for r in rows] == [
+        ("loader", 1), ("loader", 2), ("end_to_end", 2), ("device_resident_step", None)]
+    assert all(r["images_per_s"] > 0 for r in rows) and rows[0]["batches"] == 3
+    assert summary["loader_scaling"] == pytest.approx(rows[1]["images_per_s"] / rows[0]["images_per_s"])
+    assert summary["end_to_end_over_device_step"] == pytest.approx(rows[2]["images_per_s"] / rows[3]["images_per_s"])
+    assert len(imagenet.image_folder(str(tmp_path), "train")) == 16  # the ImageFolder it wrote

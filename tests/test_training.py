@@ -241,6 +241,6 @@ def test_compilation_cache_is_written_where_configured_and_can_be_turned_off(tmp
         assert result.returncode == 0, result.stderr[-3000:]
         cache = tmp_path / name / ".cache" / "sd_jax" / "jax"
         if name == "on":
-            assert any(entry.name.startswith("jit_train_steps-") for entry in cache.iterdir())
+            assert any(entry.name.startswith("jit_multi_step-") for entry in cache.iterdir())
         else:
             assert not cache.exists()

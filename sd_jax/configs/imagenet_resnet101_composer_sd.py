@@ -2,7 +2,8 @@
 # the 33 bottleneck blocks (p_last = 0.6); composer's method card reports 10% less wall-clock time at
 # the same accuracy for this setting. The recipe of imagenet_resnet50_composer_sd.py (composer does
 # not publish its baseline recipe; that file's comments give this one's sources).
-# Cannot train yet: the ImageNet input pipeline is issue #15 (train.py stops at once and says so).
+# Data: data_source "tfds" (the two official tars in <data_dir>/downloads/manual), "files" (an
+# ImageFolder in data_dir) or "synthetic" (README, ImageNet data).
 #   python train.py --config sd_jax/configs/imagenet_resnet101_composer_sd.py --workdir runs/imagenet_resnet101_composer_sd
 from sd_jax.configs.imagenet_resnet50_composer_sd import get_config as resnet50_config
 

@@ -14,7 +14,8 @@
 #     drop_downsample_blocks=False to keep them always on.
 #   - fb.resnet.torch zeroes the classifier bias; torchvision and this model draw it uniform in
 #     +-1/sqrt(2048) (a difference of at most 0.022 per logit at init).
-# Cannot train yet: the ImageNet input pipeline is issue #15 (train.py stops at once and says so).
+# Data: data_source "tfds" (the two official tars in <data_dir>/downloads/manual), "files" (an
+# ImageFolder in data_dir) or "synthetic" (README, ImageNet data).
 #   python train.py --config sd_jax/configs/imagenet_resnet152_paper_sd.py --workdir runs/imagenet_resnet152_paper_sd
 from sd_jax.config import default_config
 
@@ -36,5 +37,7 @@ def get_config():
     config.momentum = 0.9
     config.nesterov = True
     config.weight_decay = 1e-4
+    config.partial_last_batch = False  # the host pipeline drops each epoch's last, short batch
+    config.image_size = 224
     config.eval_batch_size = 500
     return config

@@ -10,7 +10,8 @@
 # (Goyal et al., torchvision), bf16 compute with float32 parameters, the last BN of each branch
 # zero-initialised (Goyal et al.), blocks scanned per stage (short compile; same numbers).
 # Reference: torchvision's ResNet-50 V1 weights reach 76.13% top-1 (a step schedule, 90 epochs).
-# Cannot train yet: the ImageNet input pipeline is issue #15 (train.py stops at once and says so).
+# Data: data_source "tfds" (the two official tars in <data_dir>/downloads/manual), "files" (an
+# ImageFolder in data_dir) or "synthetic" (README, ImageNet data).
 #   python train.py --config sd_jax/configs/imagenet_resnet50_composer_sd.py --workdir runs/imagenet_resnet50_composer_sd
 from sd_jax.config import default_config
 
@@ -41,5 +42,7 @@ def get_config():
     config.weight_decay = 1e-4
     config.dtype = "bfloat16"
     config.scan_blocks = True
+    config.partial_last_batch = False  # the host pipeline drops each epoch's last, short batch
+    config.image_size = 224
     config.eval_batch_size = 1000
     return config

@@ -1,0 +1,130 @@
+"""Benchmark ImageNet's host side: the loader alone (images/s against tf.data threads), and end to
+end (the host-fed training call) against the same train step on device-resident data.
+
+    python -m sd_jax.bench_input [--images 512] [--image-size 224] [--batch-size 32] [--threads 1,2]
+        [--end-to-end] [--depth 50] [--p-last 0.8] [--steps-per-call 4] [--calls 3] [--dir DIR]
+
+The images are synthetic JPEGs of ImageNet-like sizes written to an ImageFolder on local disk
+(`--dir`, default a temporary folder), so the loader reads and decodes files as it would ImageNet's.
+Prints one JSON object per measurement and a final summary object.
+"""
+import datetime
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from sd_jax import bench, cli, imagenet, input_pipeline, provenance, training
+from sd_jax.config import ConfigError, load_config, resolve_convention
+
+FOLDER_CLASSES = 10  # the synthetic ImageFolder spreads its images over the first ten wnids
+
+
+def write_image_folder(root: str, split: str, num_images: int) -> imagenet.ImageSplit:
+    """`num_images` synthetic JPEGs as root/split/<wnid>/<i>.JPEG (kept when already there)."""
+    seed = {"train": 0, "val": 1}[split]
+    for i in range(num_images):
+        folder = os.path.join(root, split, imagenet.wnids()[i % FOLDER_CLASSES])
+        path = os.path.join(folder, f"{i:07d}.JPEG")
+        if not os.path.exists(path):
+            os.makedirs(folder, exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(input_pipeline.synthetic_jpeg(seed, i).numpy())
+    return imagenet.image_folder(root, split)
+
+
+def loader_rate(split: imagenet.ImageSplit, batch_size: int, image_size: int, threads: int, rounds: int) -> dict:
+    """Training batches decoded per second with `threads` tf.data threads: median over `rounds`
+    epochs, each timed from its first batch on (pipeline start-up excluded)."""
+    rates = []
+    for epoch in range(1, rounds + 1):
+        indices, dataset = input_pipeline.train_batches(split, 0, epoch, batch_size, image_size, threads=threads)
+        batches = input_pipeline.numpy_batches(split, indices, dataset)
+        next(batches)
+        start = time.perf_counter()
+        count = sum(1 for _ in batches)
+        rates.append(count * batch_size / (time.perf_counter() - start))
+    return {"measure": "loader", "threads": threads, "images_per_s": statistics.median(rates),
+            "batches": len(indices) - 1, "rounds": rounds}
+
+
+def end_to_end(args, root: str, threads: int) -> list:
+    """The host-fed training call (decode on the host, step on the device) and the same step on
+    device-resident random images, timed alternately: images/s of each."""
+    config = load_config("imagenet_resnet50_composer_sd")
+    config.update(data_source="files", data_dir=root, depth=args.depth, p_last=args.p_last, image_size=args.image_size,
+                  batch_size=args.batch_size, steps_per_call=args.steps_per_call, dtype=args.dtype,
+                  data_threads=threads)
+    experiment = training.make_experiment(resolve_convention(config))
+    feed = training.HostFeed(experiment)
+    feed.compile(experiment.state)
+    step_args = bench.complete_args(bench.arg_parser().parse_args(
+        ["--model", "resnet_imagenet", "--depth", str(args.depth), "--image-size", str(args.image_size),
+         "--batch-size", str(args.batch_size), "--steps", str(args.steps_per_call), "--dtype", args.dtype]))
+    device_step = bench.JaxStep(step_args, args.p_last, "linear")
+    state, steps_per_epoch, step = experiment.state, experiment.plan.steps_per_epoch, 0
+    host_times, device_times = [], []
+    for _ in range(args.calls + 1):  # the first call of each warms up
+        count = min(args.steps_per_call, steps_per_epoch - step % steps_per_epoch)
+        start = time.perf_counter()
+        state, sums = feed.train(state, step // steps_per_epoch + 1, step % steps_per_epoch, count)
+        jax.block_until_ready(sums)
+        host_times.append((time.perf_counter() - start) / count)
+        device_times.append(device_step.run())
+        step += count
+    host, device = statistics.median(host_times[1:]), statistics.median(device_times[1:])
+    return [{"measure": "end_to_end", "threads": threads, "step_s_median": host, "images_per_s": args.batch_size / host},
+            {"measure": "device_resident_step", "step_s_median": device, "images_per_s": args.batch_size / device}]
+
+
+def arg_parser():
+    parser = cli.parser(__doc__)
+    parser.add_argument("--images", type=int, default=512, help="synthetic JPEGs written to the ImageFolder")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", default="1,2", help="comma-separated tf.data thread counts to time")
+    parser.add_argument("--rounds", type=int, default=3, help="epochs timed per thread count")
+    parser.add_argument("--end-to-end", action="store_true", help="also time the host-fed training call")
+    parser.add_argument("--depth", type=int, default=50, choices=(50, 101, 152))
+    parser.add_argument("--p-last", type=float, default=0.8)
+    parser.add_argument("--steps-per-call", type=int, default=4)
+    parser.add_argument("--calls", type=int, default=3, help="timed training calls (after one warm-up)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--dir", default="", help="where to write the ImageFolder (default: a temporary folder)")
+    return parser
+
+
+def run(args):
+    threads = [int(t) for t in args.threads.split(",")]
+    if min(threads) < 1 or args.images < 2 * args.batch_size:
+        raise ConfigError(f"--threads must be counts >= 1 and --images ({args.images}) at least two batches "
+                          f"({2 * args.batch_size})")
+    with tempfile.TemporaryDirectory() as scratch:
+        root = args.dir or scratch
+        split = write_image_folder(root, "train", args.images)
+        write_image_folder(root, "val", args.batch_size)  # the training run's experiment lists it
+        rows = [loader_rate(split, args.batch_size, args.image_size, t, args.rounds) for t in threads]
+        if args.end_to_end:
+            rows += end_to_end(args, root, max(threads))
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    summary = {"summary": True, "images": args.images, "image_size": args.image_size, "batch_size": args.batch_size,
+               **provenance.provenance(), "cpu_count": os.cpu_count(), "date": datetime.date.today().isoformat()}
+    rates = {row["threads"]: row["images_per_s"] for row in rows if row["measure"] == "loader"}
+    summary["loader_scaling"] = rates[max(rates)] / rates[min(rates)]
+    if args.end_to_end:
+        summary["end_to_end_over_device_step"] = rows[-2]["images_per_s"] / rows[-1]["images_per_s"]
+    print(json.dumps(summary), flush=True)
+    return rows, summary
+
+
+def main(argv=None):
+    return cli.main(arg_parser(), run, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""ImageNet's host-fed training path end to end: train.py on synthetic JPEGs through the real
+pipeline and ResNet-50, killed and resumed; and the top-1/top-5 counts of its evaluation."""
+import signal
+import subprocess
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from sd_jax import parallel, records, training
+from tests.conftest import ROOT
+from tests.test_checkpoints import wait_for_metrics, without_timing
+from tests.test_training import tiny_config
+
+SMOKE = ["--config", "sd_jax/configs/imagenet_resnet50_composer_sd.py", "--config.data_source=synthetic",
+         "--config.synthetic_images=(24,4)", "--config.image_size=64", "--config.batch_size=4",
+         "--config.eval_batch_size=4", "--config.num_epochs=3", "--config.lr_warmup_epochs=1",
+         "--config.dtype=float32", "--config.steps_per_call=2", "--config.eval_every_steps=3"]
+
+
+def smoke_command(workdir):
+    return [sys.executable, "train.py", *SMOKE, "--workdir", str(workdir)]
+
+
+def test_resnet50_on_host_fed_batches_resumes_exactly_after_sigkill(tmp_path):
+    """23 training images in batches of 4: 5 steps per epoch, evaluated (and checkpointed) every 3
+    steps, so the kill lands mid-epoch and the resumed pipeline restarts inside an epoch."""
+    reference = subprocess.run(smoke_command(tmp_path / "reference"), cwd=ROOT, capture_output=True, text=True,
+                               timeout=900)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    want = records.read_metrics(str(tmp_path / "reference"))
+    assert [line["step"] for line in want] == [3, 6, 9, 12, 15]
+    assert all({"val_top5_error", "test_top5_error"} <= set(line) for line in want)
+
+    workdir = tmp_path / "killed"
+    process = subprocess.Popen(smoke_command(workdir), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_metrics(workdir, 2, process, timeout=600)
+    time.sleep(0.5)
+    assert process.poll() is None, "the run finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert len(records.read_metrics(str(workdir))) < 5
+
+    resumed = subprocess.run(smoke_command(workdir), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from the checkpoint" in resumed.stderr
+    got = records.read_metrics(str(workdir))
+    assert [without_timing(line) for line in got] == [without_timing(line) for line in want]
+
+
+class PixelLogits(nn.Module):
+    """A stand-in network whose logits are the first ten normalised pixel values of each image."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        return x.reshape(x.shape[0], -1)[:, :10]
+
+
+def test_evaluation_counts_top1_and_top5_errors_and_skips_padding():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (8, 2, 5, 3), dtype=np.uint8)  # 30 values per image, 10 are logits
+    labels = rng.integers(0, 10, 8).astype(np.int32)
+    labels[-1] = -1  # padding
+    mesh = parallel.make_mesh()
+    batch_errors = training.make_batch_errors(tiny_config(), PixelLogits(), mesh)
+    mean, std = np.zeros(3, np.float32), np.ones(3, np.float32)
+    wrong = np.asarray(batch_errors({}, *(parallel.put(x, mesh, jax.sharding.PartitionSpec(parallel.AXIS))
+                                          for x in (images, labels)), mean, std))
+    logits = images.reshape(8, -1)[:, :10].astype(np.float64) / 255.0
+    ranks = np.argsort(-logits, axis=1, kind="stable")  # ties: the lower index first, as lax.top_k
+    real = labels >= 0
+    assert wrong.tolist() == [int(np.sum((ranks[:, 0] != labels) & real)),
+                              int(np.sum([label not in rank[:5] for rank, label in zip(ranks, labels)] & real))]
+
+
+def test_the_cifar_path_does_not_load_tensorflow():
+    """TensorFlow loads only for host-fed data: it costs seconds at every start, and PyTorch's
+    triton imported after it in one process crashes (the parity tests and the bench's peer)."""
+    code = ("import sys; import train, sd_jax.training, sd_jax.bench, sd_jax.evaluate, sd_jax.report, sd_jax.sweep; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'tensorflow'))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
