@@ -137,8 +137,9 @@ def records_split(builder, tfds_split: str, name: str) -> ImageSplit:
     return ImageSplit(name, labels, records=records)
 
 
-# torchvision's ImageNet statistics (per channel, [0, 1] pixel units): the normalisation every
-# pretrained torchvision ResNet expects; computing them over 1.28M JPEGs at each start is not worth it.
+# The ImageNet statistics (per channel, [0, 1] pixel units) of torchvision and of fb.resnet.torch,
+# which the paper trained with (datasets/imagenet.lua: "computed from random subset of ImageNet
+# training images"); computing them over 1.28M JPEGs at each start is not worth it.
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
 

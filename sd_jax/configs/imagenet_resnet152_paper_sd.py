@@ -7,11 +7,13 @@
 # its ResNet-152 (stride on the 3x3 conv, projection shortcuts where the shape changes, conv init
 # normal(0, sqrt(2 / (k*k*out)))), which sd_jax.resnet_imagenet builds in torchvision's layout.
 # Left open by the paper, chosen here:
-#   - batch 128 at lr 0.1 as the issue's reading of the paper; fb.resnet.torch's README trains
-#     batch 256 at lr 0.1, so lr 0.1 at 128 may be twice the linear-scaling value.
+#   - batch 128 at lr 0.1; fb.resnet.torch's README trains batch 256 at lr 0.1, so lr 0.1 at 128
+#     may be twice the linear-scaling value; which the paper ran is not certain.
 #   - dropped projection blocks: the paper does not say. Here they drop like any block (their
 #     projection shortcut still runs and learns, as the authors' skip path always runs); set
 #     drop_downsample_blocks=False to keep them always on.
+#   - not reproduced yet: fb.resnet.torch's colour jitter (0.4) and PCA lighting (0.1) after the
+#     crop and flip (datasets/imagenet.lua); this pipeline crops, flips and normalises only.
 #   - fb.resnet.torch zeroes the classifier bias; torchvision and this model draw it uniform in
 #     +-1/sqrt(2048) (a difference of at most 0.022 per logit at init).
 # Data: data_source "tfds" (the two official tars in <data_dir>/downloads/manual), "files" (an
