@@ -1,5 +1,6 @@
 """ImageNet's host-fed training path end to end: train.py on synthetic JPEGs through the real
 pipeline and ResNet-50, killed and resumed; and the top-1/top-5 counts of its evaluation."""
+import os
 import signal
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import time
 import flax.linen as nn
 import jax
 import numpy as np
+import pytest
 
 from sd_jax import parallel, records, training
 from tests.conftest import ROOT
@@ -83,3 +85,23 @@ def test_the_cifar_path_does_not_load_tensorflow():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
+
+
+def test_host_fed_batches_split_over_two_devices_train_as_one(tmp_path):
+    """Two (forced host) devices: each takes half of every host batch (and of its flip draws); the
+    run matches the one-device run (BatchNorm statistics then averaged over the devices)."""
+    tiny = SMOKE[:2] + ["--config.data_source=synthetic", "--config.synthetic_images=(16,4)", "--config.image_size=32",
+                        "--config.batch_size=4", "--config.eval_batch_size=4", "--config.num_epochs=1",
+                        "--config.lr_warmup_epochs=0", "--config.dtype=float32", "--config.steps_per_call=2"]
+    runs = {}
+    for devices in (1, 2):
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+        result = subprocess.run([sys.executable, "train.py", *tiny, "--workdir", str(tmp_path / str(devices))],
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"on {devices} x cpu" in result.stderr
+        runs[devices] = records.read_metrics(str(tmp_path / str(devices)))
+    for one, two in zip(runs[1], runs[2]):
+        assert two["mean_active_blocks"] == one["mean_active_blocks"]  # the same gates
+        assert two["train_loss"] == pytest.approx(one["train_loss"], rel=2e-3)
+        assert two["test_top5_error"] == one["test_top5_error"]
