@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from sd_jax.data import default_data_dir
 from sd_jax.data_files import DataError
 from sd_jax.data_tfds import import_tfds
 
@@ -107,7 +108,7 @@ def tfds_splits(data_dir: str) -> dict:
     `<data_dir>/downloads/manual`. Raises DataError at once when it is not prepared and a tar is
     missing: tfds cannot download ImageNet."""
     tfds = import_tfds()
-    root = data_dir or os.path.expanduser(os.path.join("~", "tensorflow_datasets"))
+    root = data_dir or default_data_dir()
     builder = tfds.builder("imagenet2012", data_dir=root, file_format="array_record")
     if not builder.is_prepared():
         manual = os.path.join(root, "downloads", "manual")
@@ -119,14 +120,12 @@ def tfds_splits(data_dir: str) -> dict:
                 "data_source='files' with an ImageFolder in data_dir (train/<wnid>/*.JPEG, val/<wnid>/*.JPEG), "
                 "or data_source='synthetic' to run without the data")
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual))
-    return {name: records_split(builder, tfds_split, name) for name, tfds_split in
+    return {name: records_split(tfds, builder, tfds_split, name) for name, tfds_split in
             (("train", "train"), ("val", "validation"))}
 
 
-def records_split(builder, tfds_split: str, name: str) -> ImageSplit:
+def records_split(tfds, builder, tfds_split: str, name: str) -> ImageSplit:
     """A prepared tfds split; its labels are read once and kept beside the data (`labels_<split>.npy`)."""
-    import tensorflow_datasets as tfds
-
     records = builder.as_data_source(tfds_split, decoders={"image": tfds.decode.SkipDecoding()})
     cache = os.path.join(builder.data_dir, f"sd_jax_labels_{tfds_split}.npy")
     if os.path.exists(cache):

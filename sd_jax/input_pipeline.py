@@ -36,8 +36,7 @@ def synthetic_jpeg(seed: int, index):
     key = tf.random.experimental.stateless_fold_in(tf.constant([seed, 1], tf.int64), tf.cast(index, tf.int64))
     size = tf.random.stateless_uniform([2], key, *SYNTHETIC_SIDES, dtype=tf.int32)
     coarse = tf.random.stateless_uniform([6, 6, 3], key + 1, 0, 255)
-    image = tf.image.resize(coarse, size, method="bilinear")
-    return tf.io.encode_jpeg(tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8), quality=90)
+    return tf.io.encode_jpeg(to_uint8(tf.image.resize(coarse, size, method="bilinear")), quality=90)
 
 
 def read_encoded(split: ImageSplit, index):
@@ -86,10 +85,14 @@ def random_window(shape, key):
     return tf.cond(tf.reduce_all(size[:2] == shape), lambda: centre_window(shape), lambda: window)
 
 
+def to_uint8(pixels):
+    """Float pixel values rounded and clipped to uint8."""
+    return tf.cast(tf.clip_by_value(tf.round(pixels), 0, 255), tf.uint8)
+
+
 def resize(image, image_size: int):
     """Bilinear with antialiasing (as torchvision's PIL resize), rounded back to uint8."""
-    resized = tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True)
-    return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+    return to_uint8(tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True))
 
 
 def train_image(encoded, key, image_size: int):

@@ -16,6 +16,7 @@ import numpy as np
 
 from sd_jax import cli
 from sd_jax.models import ResNetCIFAR, blocks_per_stage, stack_blocks, to_scanned_layout
+from sd_jax.resnet_imagenet import ResNetImageNet, stage_blocks, stage_sizes
 
 BN_FIELDS = {"weight": ("params", "scale"), "bias": ("params", "bias"),
              "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
@@ -59,8 +60,6 @@ def _torch_to_flax_paths(depth: int):
 
 def _torchvision_to_flax_paths(depth: int):
     """The same for torchvision's resnet50/101/152 and the unrolled ResNetImageNet layout."""
-    from sd_jax.resnet_imagenet import stage_blocks
-
     mapping = _stem_and_head("fc")
     for s, n in enumerate(stage_blocks(depth)):
         for i in range(n):
@@ -124,8 +123,6 @@ def from_torchvision_state_dict(state_dict, depth: int, num_classes: int = 1000,
     """Flax variables for ResNetImageNet(depth, num_classes, scan_blocks=...) from torchvision's
     resnet50/101/152 weights (`conv1`, `bn1`, `layer{1..4}.{i}.conv{1,2,3}`, `.bn{1,2,3}`,
     `.downsample.{0,1}`, `fc`)."""
-    from sd_jax.resnet_imagenet import ResNetImageNet, stage_sizes
-
     variables = _variables_from(state_dict, _torchvision_to_flax_paths(depth), ResNetImageNet(depth, num_classes),
                                 64, f"torchvision ResNet-{depth} with {num_classes} classes")
     return stack_blocks(variables, stage_sizes(depth)) if scan_blocks else variables

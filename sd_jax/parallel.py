@@ -46,6 +46,13 @@ def put(value, mesh: Mesh, spec: PartitionSpec = PartitionSpec()):
     return jax.make_array_from_callback(host.shape, NamedSharding(mesh, spec), lambda index: host[index])
 
 
+def put_process_local(local, mesh: Mesh, spec: PartitionSpec, global_shape: tuple):
+    """A global array of `global_shape` laid out as `spec` says, from this process's part of it
+    (`local`, as `jax.make_array_from_process_local_data` takes it): host-fed batches, of which each
+    process holds only its own slice."""
+    return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), local, global_shape)
+
+
 def replicate(tree, mesh: Mesh):
     """A full copy of every array on every device of the mesh (the same value in every process)."""
     return jax.tree.map(lambda leaf: put(leaf, mesh), tree)

@@ -306,6 +306,11 @@ def device_eval_data(dataset: data.Dataset, batch_size: int, mesh: Mesh, mean, s
             "mean": parallel.replicate(mean, mesh), "std": parallel.replicate(std, mesh)}
 
 
+def misclassified(logits, labels):
+    """How many real examples (label >= 0; -1 marks padding) the top-1 prediction gets wrong."""
+    return jnp.sum((jnp.argmax(logits, -1) != labels) & (labels >= 0))
+
+
 def make_count_errors(config, model: nn.Module, mesh: Mesh):
     """Jitted (variables, eval split, mean, std) -> number of misclassified images (eval mode)."""
     dtype = jnp.dtype(config.dtype)
@@ -314,7 +319,7 @@ def make_count_errors(config, model: nn.Module, mesh: Mesh):
         def batch_errors(batch):
             images, labels = batch
             logits = model.apply(variables, augment.normalize(images, mean, std, dtype), train=False)
-            return jnp.sum((jnp.argmax(logits, -1) != labels) & (labels >= 0))
+            return misclassified(logits, labels)
 
         local = jnp.sum(jax.lax.map(batch_errors, (split["images"], split["labels"])))
         return jax.lax.psum(local, parallel.AXIS)
@@ -333,9 +338,8 @@ def make_batch_errors(config, model: nn.Module, mesh: Mesh):
 
     def batch_errors(variables, images, labels, mean, std):
         logits = model.apply(variables, augment.normalize(images, mean, std, dtype), train=False)
-        real = labels >= 0
         top5 = jnp.any(jax.lax.top_k(logits, 5)[1] == labels[:, None], axis=-1)
-        wrong = jnp.stack([jnp.sum((jnp.argmax(logits, -1) != labels) & real), jnp.sum(~top5 & real)])
+        wrong = jnp.stack([misclassified(logits, labels), jnp.sum(~top5 & (labels >= 0))])
         return jax.lax.psum(wrong, parallel.AXIS)
 
     replicated, batch_split = PartitionSpec(), PartitionSpec(parallel.AXIS)
@@ -456,20 +460,18 @@ class HostFeed:
         self.train_steps = make_host_train_steps(self.plan, self.config)
         self.batch_errors = make_batch_errors(self.config, self.plan.model, self.plan.mesh)
         self.batches, self.position = None, None  # the open epoch's batches, and the (epoch, step) they yield next
-        size = experiment.dataset.image_size
-        self.chunk_shape = (self.config.steps_per_call, self.config.batch_size)
-        self.image_shape = (size, size, 3)
 
     def host_arrays(self, images, labels) -> dict:
         """Global device arrays from this process's stacked batches (K, local, ...), split along the batch."""
-        sharding = jax.sharding.NamedSharding(self.plan.mesh, PartitionSpec(None, parallel.AXIS))
-        put = lambda x, shape: jax.make_array_from_process_local_data(sharding, x, shape)  # noqa: E731
-        return {"images": put(images, self.chunk_shape + self.image_shape), "labels": put(labels, self.chunk_shape),
+        chunk, spec = (self.config.steps_per_call, self.config.batch_size), HOST_BATCH_SPEC["images"]
+        return {"images": parallel.put_process_local(images, self.plan.mesh, spec,
+                                                     chunk + self.experiment.dataset.image_shape),
+                "labels": parallel.put_process_local(labels, self.plan.mesh, spec, chunk),
                 **{k: self.experiment.train_data[k] for k in ("mean", "std")}}
 
     def local_chunk(self):
         local = self.config.batch_size // jax.process_count()
-        return (np.zeros((self.config.steps_per_call, local) + self.image_shape, np.uint8),
+        return (np.zeros((self.config.steps_per_call, local) + self.experiment.dataset.image_shape, np.uint8),
                 np.zeros((self.config.steps_per_call, local), np.int32))
 
     def compile(self, state: TrainState) -> None:
@@ -491,15 +493,15 @@ class HostFeed:
 
     def error_rates(self, variables: dict) -> dict:
         """Top-1 and top-5 error (percent) on the minival ("val") and the official validation images ("test")."""
-        dataset, sharding = self.experiment.dataset, jax.sharding.NamedSharding(self.plan.mesh, PartitionSpec(parallel.AXIS))
-        batch, rates = self.config.eval_batch_size, {}
+        dataset, batch, rates = self.experiment.dataset, self.config.eval_batch_size, {}
+        put = lambda x: parallel.put_process_local(x, self.plan.mesh, PartitionSpec(parallel.AXIS),  # noqa: E731
+                                                   (batch,) + x.shape[1:])
         for name in ("val", "test"):
             split = getattr(dataset, name)
             indices, batches = self.pipeline.eval_batches(split, batch, dataset.image_size, jax.process_index(),
                                                            jax.process_count(), dataset.threads)
             wrong = np.zeros(2)
             for images, labels in self.pipeline.numpy_batches(split, indices, batches):
-                put = lambda x: jax.make_array_from_process_local_data(sharding, x, (batch,) + x.shape[1:])  # noqa: E731
                 wrong += np.asarray(self.batch_errors(variables, put(images), put(labels),
                                                       self.experiment.train_data["mean"],
                                                       self.experiment.train_data["std"]))
