@@ -7,6 +7,14 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+# The ImageNet pipeline tests load TensorFlow into this process, the parity tests PyTorch; PyTorch's
+# triton (loaded by torch._dynamo) segfaults when it comes after TensorFlow, whatever order the
+# tests are selected in. Loading it first, when PyTorch is installed, makes every order safe.
+try:
+    import torch._dynamo  # noqa: F401
+except ImportError:
+    pass
+
 
 @pytest.fixture(autouse=True)
 def restore_package_logger():
