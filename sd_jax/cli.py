@@ -47,9 +47,10 @@ def show_progress(primary: bool = True) -> None:
     package_log.propagate = False
 
 
-def main(arg_parser: argparse.ArgumentParser, run, argv=None):
+def main(arg_parser: argparse.ArgumentParser, run, argv=None, extra_exit_codes=()):
     """Parse `argv` (default: the command line), load the config if the parser takes one, and
-    return run(args); a known failure becomes one "error: ..." line on stderr and its exit code."""
+    return run(args); a known failure (EXIT_CODES, and the tool's own `extra_exit_codes`) becomes
+    one "error: ..." line on stderr and its exit code."""
     args, extra = arg_parser.parse_known_args(argv)
     takes_config = "config" in vars(args)
     stray = [a for a in extra if not (takes_config and a.startswith(CONFIG_OVERRIDE))]
@@ -59,6 +60,6 @@ def main(arg_parser: argparse.ArgumentParser, run, argv=None):
         if takes_config:
             args.config = load_config(args.config, extra)
         return run(args)
-    except tuple(kind for kind, _ in EXIT_CODES) as e:
+    except tuple(kind for kind, _ in EXIT_CODES + tuple(extra_exit_codes)) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(next(code for kind, code in EXIT_CODES if isinstance(e, kind)))
+        sys.exit(next(code for kind, code in EXIT_CODES + tuple(extra_exit_codes) if isinstance(e, kind)))

@@ -17,8 +17,17 @@ log = logging.getLogger(__name__)
 # XLA:CPU hands reductions (BatchNorm's sums) to YNNPACK by default; those library calls cannot
 # fuse with their producers, and the training step runs faster with XLA's own fused reductions.
 # Dots stay with YNNPACK.
+# XLA:GPU runs each `conditional` (a stochastic-depth gate) and `while` (the multi-step loop) as a
+# thunk that copies its predicate to the host and waits for the stream, unless it sits inside a
+# command buffer (a CUDA graph, where CUDA >= 12.3 evaluates it on the device). With CONDITIONAL,
+# WHILE and CONVOLUTION among the command-buffer types, the whole multi-step training call compiles
+# to one command buffer: no host round trip per step (docs/performance.md, "GPU without the GPU").
+# XLA drops CONDITIONAL and WHILE by itself when the CUDA driver or runtime is older than 12.3; the
+# conditionals then run as host-synchronised thunks again (correct, slower).
+GPU_COMMAND_BUFFER_TYPES = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE,CONVOLUTION"
 BACKEND_OPTIONS = {
     "cpu": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"},
+    "gpu": {"xla_gpu_enable_command_buffer": GPU_COMMAND_BUFFER_TYPES},
 }
 
 
@@ -42,10 +51,11 @@ def user_flags() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _accepted(items: tuple) -> bool:
-    """Whether this jaxlib knows the options (names change between XLA versions)."""
+def _accepted(device, items: tuple) -> bool:
+    """Whether the XLA compiling for `device` knows the options (names change between XLA versions)."""
     try:
-        jax.jit(jnp.sum, compiler_options=dict(items)).lower(jnp.ones(2)).compile()
+        one = jax.ShapeDtypeStruct((2,), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(device))
+        jax.jit(jnp.sum, compiler_options=dict(items)).lower(one).compile()
         return True
     except Exception as error:  # noqa: BLE001 - XLA reports an unknown option as a generic error
         log.warning("XLA did not accept compiler options %s (%s); compiling without them.",
@@ -53,20 +63,23 @@ def _accepted(items: tuple) -> bool:
         return False
 
 
-def compiler_options() -> dict:
-    """The options for JAX's default backend, minus any that the user's XLA_FLAGS set."""
+def compiler_options(device=None) -> dict:
+    """The options for `device`'s platform (default: JAX's first device), minus any that the user's
+    XLA_FLAGS set. `device` may be a compile-only device of another platform (sd_jax.aot)."""
     if not _active:
         return {}
+    device = device or jax.devices()[0]
     flags = user_flags()
-    options = {k: v for k, v in BACKEND_OPTIONS.get(jax.default_backend(), {}).items() if f"--{k}" not in flags}
-    if options and not _accepted(tuple(sorted(options.items()))):
+    options = {k: v for k, v in BACKEND_OPTIONS.get(device.platform, {}).items() if f"--{k}" not in flags}
+    if options and not _accepted(device, tuple(sorted(options.items()))):
         return {}
     return options
 
 
-def jit(fun, **kwargs):
-    """`jax.jit` with the project's compiler options for the default backend."""
-    return jax.jit(fun, compiler_options=compiler_options() or None, **kwargs)
+def jit(fun, device=None, **kwargs):
+    """`jax.jit` with the project's compiler options for `device`'s platform (default: JAX's first
+    device; pass one of the mesh's devices when compiling for a target that is not attached)."""
+    return jax.jit(fun, compiler_options=compiler_options(device) or None, **kwargs)
 
 
 def use_compilation_cache(directory: str) -> None:

@@ -90,7 +90,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.weight_decay = 1e-4
     c.seed = 0
     c.dtype = "float32"  # compute dtype; parameters are always float32
-    c.scan_blocks = False  # nn.scan over identical blocks: flat compile time in depth
+    # nn.scan over identical blocks: flat compile time in depth. None: on for TPU (libtpu's compiler
+    # crashed on the unrolled ResNet-110 step), off elsewhere (unrolled runs faster on the CPU)
+    c.scan_blocks = ml_collections.FieldReference(None, field_type=bool)
     c.conv_grads = "auto"  # resnet_cifar: "explicit" conv backward (fast inside lax.cond on CPU) or "xla"
     c.augment_translate = ml_collections.FieldReference(None, field_type=int)  # px; None -> dataset default
     c.augment_flip = ml_collections.FieldReference(None, field_type=bool)  # None -> dataset default
@@ -152,6 +154,15 @@ def resolve_convention(config: ml_collections.ConfigDict) -> ml_collections.Conf
     for key, value in CONVENTIONS[config.convention].items():
         if config[key] is None:
             config[key] = value
+    return config
+
+
+def resolve_platform_defaults(config: ml_collections.ConfigDict, platform: str) -> ml_collections.ConfigDict:
+    """Set the keys whose default depends on the accelerator (`platform`: "cpu", "gpu", "tpu") and
+    that were left at None, in place (idempotent); returns `config`. docs/performance.md has the
+    measurements behind each."""
+    if config.scan_blocks is None:
+        config.scan_blocks = platform == "tpu"
     return config
 
 

@@ -65,12 +65,13 @@ def _conv3x3_bwd(stride, residuals, g):
 conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
 
 
-def resolve_conv_grads(conv_grads: str) -> str:
-    """"auto" -> "explicit" on CPU (where it avoids the slow path), "xla" on GPU/TPU."""
+def resolve_conv_grads(conv_grads: str, platform: str = "") -> str:
+    """"auto" -> "explicit" on CPU (where it avoids the slow path), "xla" on GPU/TPU; `platform`
+    defaults to JAX's default backend (sd_jax.aot names the target's)."""
     if conv_grads not in CONV_GRADS:
         raise ValueError(f"conv_grads must be one of {CONV_GRADS}, got {conv_grads!r}")
     if conv_grads == "auto":
-        return "explicit" if jax.default_backend() == "cpu" else "xla"
+        return "explicit" if (platform or jax.default_backend()) == "cpu" else "xla"
     return conv_grads
 
 

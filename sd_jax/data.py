@@ -157,12 +157,18 @@ class OfficialDataset:
     make_splits: Callable
     translate: int
     flip: bool
+    split_sizes: tuple  # (train, val, test) images after the paper's split (sd_jax.aot compiles without the data)
+    image_side: int = 32
 
 
 OFFICIAL = {
-    "cifar10": OfficialDataset(10, ("train", "test"), cifar_splits, translate=4, flip=True),
-    "cifar100": OfficialDataset(100, ("train", "test"), cifar_splits, translate=4, flip=True),
-    "svhn": OfficialDataset(10, ("train", "test", "extra"), svhn_splits, translate=0, flip=False),
+    "cifar10": OfficialDataset(10, ("train", "test"), cifar_splits, translate=4, flip=True,
+                               split_sizes=(45_000, 5_000, 10_000)),
+    "cifar100": OfficialDataset(100, ("train", "test"), cifar_splits, translate=4, flip=True,
+                                split_sizes=(45_000, 5_000, 10_000)),
+    # 73,257 train + 531,131 extra, less 400 + 200 per class held out; 26,032 test
+    "svhn": OfficialDataset(10, ("train", "test", "extra"), svhn_splits, translate=0, flip=False,
+                            split_sizes=(598_388, 6_000, 26_032)),
 }
 BUNDLED: Dict[str, Callable[[], Dataset]] = {"digits": load_digits, "synthetic": load_synthetic}
 DATASETS = tuple(BUNDLED) + tuple(OFFICIAL)

@@ -168,7 +168,7 @@ def run(args):
                                       p_last=args.p_last, survival_mode=args.survival_mode,
                                       shortcut_downsample=args.shortcut_downsample)
     mesh = parallel.make_mesh()
-    count_errors = training.make_count_errors(config, training.make_model(config, dataset.num_classes), mesh)
+    count_errors = training.make_count_errors(config, training.make_model(config, dataset.num_classes, mesh), mesh)
     eval_data = training.device_eval_data(dataset, config.eval_batch_size, mesh,
                                           *dataset.normalization(config.normalization))
     result = {"checkpoint": args.checkpoint, "depth": args.depth, "dataset": args.dataset,

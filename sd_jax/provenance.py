@@ -11,6 +11,13 @@ import sd_jax
 from sd_jax import compiler
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint")
+# Signs of an accelerator on the machine, whatever JAX sees: device files and the variables that
+# TPU VMs and Colab set; with the install line that lets JAX use it (README, "GPUs and TPUs").
+ACCELERATOR_SIGNS = (
+    ("an NVIDIA GPU", ("/dev/nvidia0", "/dev/nvidiactl"), (), 'pip install -U "jax[cuda13]" (CUDA 13 driver; '
+     '"jax[cuda12]" for a CUDA 12 driver)'),
+    ("a TPU", ("/dev/accel0", "/dev/vfio/0"), ("TPU_ACCELERATOR_TYPE", "COLAB_TPU_ADDR"), 'pip install -U "jax[tpu]"'),
+)
 HARDWARE_KEYS = ("backend", "device_kind", "device_count", "process_count")
 SOFTWARE_KEYS = ("python", "versions", "compiler_options")
 
@@ -53,6 +60,17 @@ def provenance() -> dict:
         "compiler_options": compiler.compiler_options(),
         "host": platform.node(),
     }
+
+
+def idle_accelerator():
+    """(what, install line) when the machine has a GPU or TPU but JAX runs on the CPU (a CPU-only
+    jaxlib, the usual result of `pip install jax`), else None."""
+    if jax.default_backend() != "cpu":
+        return None
+    for what, paths, variables, install in ACCELERATOR_SIGNS:
+        if any(os.path.exists(p) for p in paths) or any(os.environ.get(v) for v in variables):
+            return what, install
+    return None
 
 
 def hardware(record: dict) -> str:

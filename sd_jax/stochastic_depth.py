@@ -1,4 +1,5 @@
 """A residual connection with stochastic depth around any residual branch (a Flax Linen layer)."""
+import numbers
 from typing import Any, Callable, Optional, Union
 
 import flax.linen as nn
@@ -12,6 +13,11 @@ DROP_MODES = ("block", "sample")
 
 def identity(x):
     return x
+
+
+def always_survives(survival_prob) -> bool:
+    """Whether `survival_prob` is known at trace time to be 1: such a block needs no gate at all."""
+    return isinstance(survival_prob, numbers.Real) and survival_prob >= 1.0
 
 
 class StochasticDepth(nn.Module):
@@ -31,7 +37,10 @@ class StochasticDepth(nn.Module):
       - "sample" (drop path): a per-example Bernoulli(p) mask scaling f(x) by mask / p; it cannot
         skip compute. Evaluation: activation(shortcut(x) + f(x)).
     `drop_scale` in [0, 1] scales the drop rate during training (1 - p) for drop-rate warm-up;
-    evaluation always uses the target p. Training records the fraction of the batch for which the
+    evaluation always uses the target p. A block whose `survival_prob` is the Python number 1 (the
+    constant-depth baseline, ImageNet's undroppable projection blocks) has no gate: it is a plain
+    residual block on every backend, with no conditional in the compiled program.
+    Training records the fraction of the batch for which the
     branch ran in the "gates" collection (make it mutable to read it). `mask` (N,), when given, is
     passed on as `branch(x, train=..., mask=mask)` (and so to a module shortcut): the real examples
     of a padded batch, for the BatchNorm statistics.
@@ -41,6 +50,7 @@ class StochasticDepth(nn.Module):
     shortcut: Union[Callable[[jax.Array], jax.Array], nn.Module] = identity
     drop_mode: str = "block"
     activation: Optional[Callable[[jax.Array], jax.Array]] = nn.relu
+    nonnegative_input: bool = False
 
     def setup(self):
         if self.drop_mode not in DROP_MODES:
@@ -57,6 +67,12 @@ class StochasticDepth(nn.Module):
     def _activate(self, out):
         return out if self.activation is None else self.activation(out)
 
+    def _closed(self, shortcut):
+        """What a closed gate returns: activation(shortcut(x)), the activation left out where it is the identity."""
+        if self.nonnegative_input and not isinstance(self.shortcut, nn.Module):
+            return shortcut
+        return self._activate(shortcut)
+
     def _residual(self, x, train: bool, mask):
         return self.f(x, train=train) if mask is None else self.f(x, train=train, mask=mask)
 
@@ -65,7 +81,9 @@ class StochasticDepth(nn.Module):
         if not train:
             scale = survival_prob if self.drop_mode == "block" else 1.0
             return self._activate(shortcut + (scale * self.f(x, train=False)).astype(shortcut.dtype))
-        if self.is_initializing():
+        if self.is_initializing() or always_survives(survival_prob):
+            if not self.is_initializing():
+                self.sow("gates", "active", jnp.float32(1.0))
             return self._activate(shortcut + self._residual(x, True, mask).astype(shortcut.dtype))
         p = scaled_survival(jnp.asarray(survival_prob, jnp.float32), drop_scale)
         key = self.make_rng("drop")
@@ -81,7 +99,7 @@ class StochasticDepth(nn.Module):
             gate,
             lambda module, x, shortcut, mask: module._activate(
                 shortcut + module._residual(x, True, mask).astype(shortcut.dtype)),
-            lambda module, x, shortcut, mask: module._activate(shortcut),
+            lambda module, x, shortcut, mask: module._closed(shortcut),
             self,
             x,
             shortcut,

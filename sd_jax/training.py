@@ -8,7 +8,7 @@ import dataclasses
 import functools
 import logging
 import time
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -20,7 +20,7 @@ from flax.training import train_state
 from jax.sharding import Mesh, PartitionSpec
 
 from sd_jax import augment, checkpoints, compiler, data, imagenet, parallel, provenance, records
-from sd_jax.config import HOST_FED_DATASETS, ConfigError, resolve_convention, validate
+from sd_jax.config import HOST_FED_DATASETS, ConfigError, resolve_convention, resolve_platform_defaults, validate
 from sd_jax.models import ResNetCIFAR, active_blocks, count_params
 from sd_jax.resnet_imagenet import ResNetImageNet
 from sd_jax.survival import drop_scale
@@ -53,13 +53,17 @@ def synchronised_batch_norm(config) -> bool:
     return not (config.drop_mode == "block" and config.drop_gates == "per_device")
 
 
-def make_model(config, num_classes: int) -> nn.Module:
-    """The configured network (`config` with its convention resolved): `config.model` "resnet_cifar"
-    (the convention's initialisers and shortcut) or "resnet_imagenet" (torchvision's). On one device
-    BatchNorm gets no axis name: averaging over one device is the identity, and with a collective
-    inside every block's cond XLA:CPU spent 0.3 s/step on copies and zero-filled buffers around the
-    conds even with every block dropped (ResNet-110, docs/performance.md)."""
-    synchronised = synchronised_batch_norm(config) and jax.device_count() > 1
+def make_model(config, num_classes: int, mesh: Optional[Mesh] = None) -> nn.Module:
+    """The configured network: `config.model` "resnet_cifar" (the convention's initialisers and
+    shortcut) or "resnet_imagenet" (torchvision's), for the data `mesh` (default: every device).
+    Keys left at None take their convention's and the mesh platform's defaults, in place. On one
+    device BatchNorm gets no axis name: averaging over one device is the identity, and with a
+    collective inside every block's cond XLA:CPU spent 0.3 s/step on copies and zero-filled buffers
+    around the conds even with every block dropped (ResNet-110, docs/performance.md)."""
+    mesh = parallel.make_mesh() if mesh is None else mesh
+    resolve_convention(config)
+    resolve_platform_defaults(config, mesh.devices.flat[0].platform)
+    synchronised = synchronised_batch_norm(config) and mesh.size > 1
     common = dict(depth=config.depth, num_classes=num_classes, p_last=config.p_last,
                   survival_mode=config.survival_mode, drop_mode=config.drop_mode, dtype=jnp.dtype(config.dtype),
                   scan_blocks=config.scan_blocks, bn_axis_name=parallel.AXIS if synchronised else None)
@@ -123,7 +127,7 @@ def make_plan(config, num_train: int, num_classes: int, translate: int, flip: bo
                           f"use a batch size of at most {num_train}")
     epoch_steps = steps_per_epoch(num_train, config.batch_size, config.partial_last_batch)
     return TrainingPlan(
-        model=make_model(config, num_classes),
+        model=make_model(config, num_classes, mesh),
         tx=make_optimizer(config, epoch_steps),
         num_train=num_train,
         steps_per_epoch=epoch_steps,
@@ -217,7 +221,7 @@ def make_multi_step(plan: TrainingPlan, config, batch_of, data_spec, num_extra: 
     replicated = PartitionSpec()
     sharded = jax.shard_map(multi_step, mesh=plan.mesh, in_specs=(replicated, data_spec, *(replicated,) * (num_extra + 2)),
                             out_specs=(replicated, replicated), check_vma=False)
-    return compiler.jit(sharded, donate_argnums=0)
+    return compiler.jit(sharded, device=plan.mesh.devices.flat[0], donate_argnums=0)
 
 
 def this_devices_share(x, batch: int, mesh: Mesh):
@@ -328,7 +332,7 @@ def make_count_errors(config, model: nn.Module, mesh: Mesh):
     sharded = jax.shard_map(count_errors, mesh=mesh, out_specs=replicated, check_vma=False,
                             in_specs=(replicated, {"images": batch_split, "labels": batch_split}, replicated,
                                       replicated))
-    return compiler.jit(sharded)
+    return compiler.jit(sharded, device=mesh.devices.flat[0])
 
 
 def make_batch_errors(config, model: nn.Module, mesh: Mesh):
@@ -345,7 +349,7 @@ def make_batch_errors(config, model: nn.Module, mesh: Mesh):
     replicated, batch_split = PartitionSpec(), PartitionSpec(parallel.AXIS)
     sharded = jax.shard_map(batch_errors, mesh=mesh, out_specs=replicated, check_vma=False,
                             in_specs=(replicated, batch_split, batch_split, replicated, replicated))
-    return compiler.jit(sharded)
+    return compiler.jit(sharded, device=mesh.devices.flat[0])
 
 
 def error_rates(count_errors, variables: dict, eval_data: dict) -> dict:
@@ -602,6 +606,14 @@ class Trainer:
         return state
 
 
+def warn_if_accelerator_idle() -> None:
+    """Say prominently, before any work, when the machine has a GPU or TPU that JAX does not use."""
+    idle = provenance.idle_accelerator()
+    if idle:
+        log.warning("\n%s\n!! This machine has %s, but JAX runs on the CPU (a CPU-only jaxlib): training would be "
+                    "very slow.\n!! Stop it (Ctrl-C) and run: %s\n%s", "!" * 72, idle[0], idle[1], "!" * 72)
+
+
 def log_start(experiment: Experiment, ran_on: dict) -> None:
     """What is about to train, and on what (`ran_on`: `provenance.provenance()`)."""
     config, plan, dataset = experiment.config, experiment.plan, experiment.dataset
@@ -655,8 +667,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, restart:
     `workdir`. A workdir holding an earlier run of the same config is resumed from its latest
     checkpoint; `restart` deletes the earlier run instead. Nothing is written until the config,
     the workdir and the data have passed every check."""
+    warn_if_accelerator_idle()
     validate(config, data.DATASETS, jax.device_count())
     resolve_convention(config)
+    resolve_platform_defaults(config, jax.devices()[0].platform)
     compiler.use_compilation_cache(config.compilation_cache_dir)
     run_files = records.Workdir(workdir, parallel.is_primary())
     run_files.check(config, restart)

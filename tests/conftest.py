@@ -7,6 +7,12 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+# The suite runs on the CPU (CI has no accelerator). With the GPU compiler installed for the
+# deviceless tests (tests/test_aot.py), JAX would otherwise try to start a CUDA device it does not
+# have, and the failed start unregisters the compile-only GPU target too. JAX_PLATFORMS=cuda (or
+# tpu) runs the suite on an accelerator.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 # The ImageNet pipeline tests load TensorFlow into this process, the parity tests PyTorch; PyTorch's
 # triton (loaded by torch._dynamo) segfaults when it comes after TensorFlow, whatever order the
 # tests are selected in. Loading it first, when PyTorch is installed, makes every order safe.

@@ -1,9 +1,12 @@
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sd_jax import compiler
+from sd_jax import compiler, targets
+from tests import test_aot
 
 CPU_ONLY = pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the XLA:CPU options")
 
@@ -53,6 +56,15 @@ def test_an_option_this_xla_does_not_know_is_dropped_with_a_warning(no_user_flag
     assert float(compiler.jit(jnp.sum)(jnp.arange(4.0))) == 6.0
 
 
-def test_backends_without_options_get_none(no_user_flags, monkeypatch):
-    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-    assert compiler.compiler_options() == {}
+def test_backends_without_options_get_none(no_user_flags):
+    tpu = types.SimpleNamespace(platform="tpu")  # the options are chosen by the device's platform
+    assert compiler.compiler_options(tpu) == {}
+
+
+@pytest.mark.skipif(not test_aot.GPU_COMPILER, reason='JAX\'s CUDA plugin is not installed: pip install ".[aot-gpu]"')
+def test_a_gpu_device_gets_the_gpu_options_from_a_cpu_process(no_user_flags):
+    """The options follow the device compiled for, not JAX's default backend: sd_jax.aot compiles
+    for a GPU that is not attached with the options a GPU run gets."""
+    h100 = targets.TARGETS["h100"].devices(1)[0]
+    assert compiler.compiler_options(h100) == compiler.BACKEND_OPTIONS["gpu"]
+    assert "CONDITIONAL" in compiler.BACKEND_OPTIONS["gpu"]["xla_gpu_enable_command_buffer"].split(",")

@@ -45,15 +45,56 @@ def test_closed_gate_returns_activated_shortcut_and_keeps_batch_stats():
     assert float(updates["gates"]["active"][0]) == 0.0
 
 
-def test_open_gate_runs_the_branch_and_updates_batch_stats():
+@pytest.mark.parametrize("p", [jnp.float32(1.0), 1.0], ids=["open gate", "no gate"])
+def test_open_gate_runs_the_branch_and_updates_batch_stats(p):
+    """A survival probability of 1 as an array opens the gate of a real conditional; as the Python
+    number 1 (constant depth) it leaves the gate out: the same block either way."""
     layer, branch, shortcut = make_layer()
     variables = perturb_batch_stats(init(layer))
-    out, updates = train_apply(layer, variables, 1.0)
+    out, updates = train_apply(layer, variables, p)
     residual, branch_updates = branch.apply(branch_variables(variables), X, train=True, mutable=["batch_stats"])
     np.testing.assert_allclose(out, jax.nn.relu(shortcut(X) + residual), atol=1e-6)
     for a, b in zip(jax.tree.leaves(updates["batch_stats"]["f"]), jax.tree.leaves(branch_updates["batch_stats"])):
         np.testing.assert_allclose(a, b, atol=1e-6)
     assert float(updates["gates"]["active"][0]) == 1.0
+
+
+def test_a_block_that_always_survives_has_no_conditional():
+    layer, _, _ = make_layer()
+    variables = init(layer)
+
+    def conditionals(p):
+        return str(jax.make_jaxpr(lambda v: train_apply(layer, v, p))(variables)).count(" cond[")
+
+    assert conditionals(jnp.float32(1.0)) == 1 and conditionals(0.5) == 1
+    assert conditionals(1.0) == 0
+
+
+def test_closed_gate_on_a_relu_output_skips_the_activation_without_changing_values_or_gradients():
+    """With `nonnegative_input` the closed gate returns shortcut(x) instead of relu(shortcut(x)):
+    x = relu(z) is never negative, so the output is the same, and the gradient that relu would
+    zero where x == 0 is zeroed by the relu that made x: d/dz agrees exactly."""
+    z = X.at[:, :2].set(0.0)  # exact zeros too, where relu's derivative is 0
+    weights = jax.random.normal(jax.random.key(7), (8, 4, 4, 8))
+
+    def loss_and_output(layer):
+        variables = init(layer)
+
+        def loss(z):
+            out, _ = layer.apply(variables, jax.nn.relu(z), 0.0, train=True, rngs={"drop": jax.random.key(2)},
+                                 mutable=["batch_stats", "gates"])
+            return jnp.sum(out * weights), out
+
+        (_, out), grad = jax.value_and_grad(loss, has_aux=True)(z)
+        return out, grad
+
+    branch = BasicBranch(8, 2, parent=None)
+    shortcut = lambda x: option_a_shortcut(x, 8, 2)  # noqa: E731
+    plain = loss_and_output(StochasticDepth(branch, shortcut))
+    skipping = loss_and_output(StochasticDepth(branch, shortcut, nonnegative_input=True))
+    for a, b in zip(plain, skipping):
+        np.testing.assert_array_equal(a, b)
+    assert float(jnp.sum(plain[1] != 0)) > 0  # the gradient is not trivially zero
 
 
 def test_dropped_branch_gets_zero_gradient():

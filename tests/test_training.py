@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sd_jax import compiler, records, training
+from sd_jax import aot, compiler, provenance, records, training
 from sd_jax.config import default_config
 from tests.conftest import ROOT
 
@@ -28,14 +28,16 @@ def count_conditionals(config):
     perm = training.epoch_permutation(run.keys, 0, run.plan, config.batch_size)
     hlo = training.make_train_steps(run.plan, config).lower(
         run.state, run.train_data, run.keys, perm, 0, 1).compile().as_text()
-    return hlo.count(" conditional(")
+    return aot.count_conditionals(hlo)
 
 
-@pytest.mark.parametrize("scan_blocks,expected", [(False, 2 * 9), (True, 2 * 6)])
-def test_compiled_train_step_has_a_conditional_per_block(scan_blocks, expected):
+@pytest.mark.parametrize("scan_blocks,p_last,expected", [(False, 0.5, 2 * 9), (True, 0.5, 2 * 6), (False, 1.0, 0),
+                                                         (True, 1.0, 0)])
+def test_compiled_train_step_has_a_conditional_per_gated_block(scan_blocks, p_last, expected):
     # ResNet-20: 9 gated blocks, each a conditional in the forward and one in the backward pass;
-    # with scan_blocks: the first block of each stage plus one in each scanned stage body.
-    assert count_conditionals(tiny_config(depth=20, scan_blocks=scan_blocks)) == expected
+    # with scan_blocks: the first block of each stage plus one in each scanned stage body. At
+    # constant depth (p_L = 1) no block has a gate: a plain ResNet.
+    assert count_conditionals(tiny_config(depth=20, scan_blocks=scan_blocks, p_last=p_last)) == expected
 
 
 def test_sample_mode_has_no_conditional():
@@ -53,6 +55,26 @@ def test_warmup_starts_with_every_block_active():
     late = run.state.replace(step=jnp.asarray(run.plan.total_steps, jnp.int32))
     _, later = train_steps(copy(late), run.train_data, run.keys, perm, 0, 5)
     assert float(later["active_blocks"]) / 5 < 6 * 0.6  # p ranges from 0.05 to 0.84: 2.7 expected
+
+
+def test_make_model_takes_a_config_straight_from_load_config():
+    from sd_jax.config import load_config
+
+    model = training.make_model(load_config("cifar10_resnet110_sd"), num_classes=10)
+    assert model.shortcut_downsample == "subsample" and model.num_blocks == 54
+    assert model.scan_blocks is (jax.default_backend() == "tpu")  # None: the platform's default
+
+
+def test_a_gpu_that_jax_does_not_use_is_announced_with_the_install_line(monkeypatch, caplog):
+    real_exists = os.path.exists
+    monkeypatch.setattr(os.path, "exists", lambda path: path == "/dev/nvidia0" or real_exists(path))
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    caplog.set_level("WARNING", logger="sd_jax")
+    training.warn_if_accelerator_idle()
+    assert "This machine has an NVIDIA GPU, but JAX runs on the CPU" in caplog.text
+    assert 'pip install -U "jax[cuda13]"' in caplog.text
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert provenance.idle_accelerator() is None
 
 
 def test_short_run_learns_and_is_reproducible(tmp_path):

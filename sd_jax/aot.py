@@ -1,0 +1,374 @@
+"""Check a run on a GPU or TPU before paying for one: compile its real training and evaluation
+calls for the target with no device attached (deviceless ahead-of-time compilation) and report
+what XLA made of them.
+
+    python -m sd_jax.aot --config NAME|FILE [--config.KEY=VALUE ...] --target h100|h200|a100-40|a100-80|l4|t4|v4|v5e|v6e
+        [--devices N] [--compiler-options project|none] [--xla-option KEY=VALUE ...] [--cuda-version 12.8.0]
+        [--dump-to DIR] [--json]
+
+Reported per device: compile seconds; memory (arguments, outputs, temporaries) against the chip's,
+with "does not fit" and by how much; XLA's FLOPs for one training step and the multiply-add
+estimate beside it; the conditionals (stochastic-depth gates) in the compiled step; on GPU the
+runtime thunks by kind and the host round trips per step (conditionals and loops outside a CUDA
+graph, each of which copies its predicate to the host and waits). Needs the target's compiler:
+pip install "sd_jax[aot-gpu]" (JAX's CUDA plugin) or "sd_jax[aot-tpu]" (libtpu). The compilation
+runs in a child process, so a compiler crash is reported, not fatal. Exit codes: 0 done; 2 bad
+input or a missing compiler; 3 the compiler failed or crashed.
+"""
+import argparse
+import collections
+import contextlib
+import dataclasses
+import glob
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from sd_jax import cli, targets
+
+WORKER_FLAG = "--worker-output"
+HOST_SYNCED = ("kConditional", "kWhile")  # thunks that wait for the host unless inside a kCommandBuffer
+GPU_MEMORY_POOL = 0.75  # JAX preallocates 75% of a GPU's memory (XLA_PYTHON_CLIENT_MEM_FRACTION)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataShapes:
+    """What the compiled calls need to know of a dataset: its sizes, not its images."""
+
+    num_train: int
+    num_val: int
+    num_test: int
+    image_shape: tuple
+    num_classes: int
+    translate: int
+    flip: bool
+    host_fed: bool
+
+
+def data_shapes(config) -> DataShapes:
+    """The dataset's split sizes and image shape, without reading it (bundled sets are read: tiny)."""
+    from sd_jax import data, imagenet
+    from sd_jax.config import HOST_FED_DATASETS
+
+    if config.dataset in HOST_FED_DATASETS:
+        held = round(imagenet.MINIVAL_FRACTION * imagenet.TRAIN_IMAGES)
+        side = config.image_size
+        return DataShapes(imagenet.TRAIN_IMAGES - held, held, imagenet.VAL_IMAGES, (side, side, 3),
+                          imagenet.NUM_CLASSES, 0, True, True)
+    if config.dataset in data.BUNDLED:
+        ds = data.load_dataset(config.dataset)
+        return DataShapes(len(ds.train), len(ds.val), len(ds.test), ds.image_shape, ds.num_classes, ds.translate,
+                          ds.flip, False)
+    spec = data.OFFICIAL[config.dataset]
+    return DataShapes(*spec.split_sizes, (spec.image_side, spec.image_side, 3), spec.num_classes, spec.translate,
+                      spec.flip, False)
+
+
+def abstract(tree, sharding):
+    """Shapes and dtypes of `tree` placed with `sharding` (jax.ShapeDtypeStruct leaves)."""
+    import jax
+
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def training_calls(config, devices, shapes: DataShapes):
+    """(plan, [(name, jitted function, abstract arguments)]) for the run's training call and
+    evaluation call on a data mesh of `devices`: the functions `train.py` compiles, with the
+    arguments its feeds pass them (sd_jax.training.DeviceFeed / HostFeed)."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from sd_jax import data, parallel, training
+
+    mesh = Mesh(np.array(devices), (parallel.AXIS,))
+    plan = training.make_plan(config, shapes.num_train, shapes.num_classes, shapes.translate, shapes.flip, mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    state = abstract(jax.eval_shape(functools.partial(training.make_train_state, plan=plan,
+                                                      image_shape=shapes.image_shape), jax.random.key(0)), replicated)
+    keys = abstract(jax.eval_shape(lambda: training.run_keys(config.seed)), replicated)
+    mean, std = (abstract(jnp.asarray(s), replicated) for s in
+                 data.normalization_stats(np.zeros((1,) + shapes.image_shape, np.uint8), config.normalization))
+    variables = training.eval_variables(state)
+    u8, i32 = jnp.uint8, jnp.int32
+    if shapes.host_fed:
+        chunk, split = (config.steps_per_call, config.batch_size), NamedSharding(mesh, training.HOST_BATCH_SPEC["images"])
+        host = {"images": jax.ShapeDtypeStruct(chunk + shapes.image_shape, u8, sharding=split),
+                "labels": jax.ShapeDtypeStruct(chunk, i32, sharding=split), "mean": mean, "std": std}
+        batch = NamedSharding(mesh, PartitionSpec(parallel.AXIS))
+        eval_batch = config.eval_batch_size
+        return plan, [
+            ("train", training.make_host_train_steps(plan, config), (state, host, keys, 1)),
+            ("eval", training.make_batch_errors(config, plan.model, mesh),
+             (variables, jax.ShapeDtypeStruct((eval_batch,) + shapes.image_shape, u8, sharding=batch),
+              jax.ShapeDtypeStruct((eval_batch,), i32, sharding=batch), mean, std)),
+        ]
+    train_data = {"images": jax.ShapeDtypeStruct((shapes.num_train,) + shapes.image_shape, u8, sharding=replicated),
+                  "labels": jax.ShapeDtypeStruct((shapes.num_train,), i32, sharding=replicated),
+                  "mean": mean, "std": std}
+    permutation = jax.ShapeDtypeStruct((plan.steps_per_epoch * config.batch_size,), i32, sharding=replicated)
+    batches = -(-max(shapes.num_val, shapes.num_test) // config.eval_batch_size)
+    split_sharding = NamedSharding(mesh, PartitionSpec(None, parallel.AXIS))
+    split = {"images": jax.ShapeDtypeStruct((batches, config.eval_batch_size) + shapes.image_shape, u8,
+                                            sharding=split_sharding),
+             "labels": jax.ShapeDtypeStruct((batches, config.eval_batch_size), i32, sharding=split_sharding)}
+    return plan, [
+        ("train", training.make_train_steps(plan, config), (state, train_data, keys, permutation, 0, 1)),
+        ("eval", training.make_count_errors(config, plan.model, mesh), (variables, split, mean, std)),
+    ]
+
+
+def memory(compiled) -> dict:
+    """Bytes per device of a compiled call: arguments, outputs, temporaries, and their total (donated
+    arguments that become outputs counted once)."""
+    stats = compiled.memory_analysis()
+    sizes = {"arguments": stats.argument_size_in_bytes, "outputs": stats.output_size_in_bytes,
+             "aliased": stats.alias_size_in_bytes, "temporaries": stats.temp_size_in_bytes,
+             "code": stats.generated_code_size_in_bytes}
+    sizes["total"] = sizes["arguments"] + sizes["outputs"] - sizes["aliased"] + sizes["temporaries"] + sizes["code"]
+    return sizes
+
+
+def xla_flops(lowered, compiled):
+    """XLA's FLOP count of one device's program, each loop body counted once (the step loop's: one
+    training step) and each conditional at its costlier branch: the target compiler's analysis
+    where it has one (TPU), else XLA:CPU's analysis of the same unoptimised program."""
+    import jax
+    from jax._src.lib import _jax
+
+    with contextlib.suppress(Exception):
+        analysis = compiled.cost_analysis()
+        analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+        if analysis and analysis.get("flops"):
+            return float(analysis["flops"])
+    with contextlib.suppress(Exception):
+        module = lowered.compiler_ir("hlo").as_hlo_module()
+        return float(_jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module)["flops"])
+    return None
+
+
+def count_conditionals(hlo_text: str) -> int:
+    """`conditional` instructions in an optimised HLO module's text."""
+    return len(re.findall(r"\sconditional\(", hlo_text))
+
+
+THUNK_LINE = re.compile(r"^(\s*)\d+: (k\w+)")
+
+
+def thunk_counts(sequence: str):
+    """({thunk kind: count}, host round trips) of an XLA:GPU thunk sequence dump: every kind,
+    nested ones included, and the conditionals and loops that are not inside a command buffer."""
+    kinds, host_synced, stack = collections.Counter(), 0, []
+    for line in sequence.splitlines():
+        match = THUNK_LINE.match(line)
+        if not match:
+            continue
+        indent, kind = len(match.group(1)), match.group(2)
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        kinds[kind] += 1
+        if kind in HOST_SYNCED and not any(k == "kCommandBuffer" for _, k in stack):
+            host_synced += 1
+        stack.append((indent, kind))
+    return dict(kinds), host_synced
+
+
+def gpu_thunks(dump_dir: str):
+    """Thunk counts of the compiled module dumped in `dump_dir` (after XLA's thunk passes, which
+    make the command buffers, when it wrote that file)."""
+    for pattern in ("*thunk_sequence_after_thunk_passes.txt", "*thunk_sequence.txt"):
+        files = sorted(glob.glob(os.path.join(dump_dir, pattern)), key=os.path.getsize)
+        if files:
+            with open(files[-1]) as f:
+                return thunk_counts(f.read())
+    return None
+
+
+def estimated_flops(plan, shapes: DataShapes, batch_per_device: int) -> dict:
+    """The multiply-add estimate of one training step per device: forward multiply-adds (convolutions
+    and classifier) x 2 FLOPs x 3 (forward, input and weight gradients), at constant depth and
+    with each block weighted by its survival probability."""
+    side = shapes.image_shape[0]
+    costs, fixed = plan.model.block_macs(side)
+    per_image = {"constant": fixed + costs.sum(), "expected": fixed + plan.model.survival_probabilities() @ costs}
+    return {k: float(6 * v * batch_per_device) for k, v in per_image.items()}
+
+
+def analyse(config, target_name: str, num_devices: int, cuda_version: str, project_options: bool,
+            dump_to: str = "", xla_options=None) -> dict:
+    """Compile the run of `config` for `num_devices` devices of the target and report (see module
+    doc); `xla_options` are added to both compilations (trying an XLA or libtpu option)."""
+    import jax
+
+    from sd_jax import compiler, data
+    from sd_jax.config import resolve_convention, resolve_platform_defaults, validate
+    from sd_jax.conv import resolve_conv_grads
+
+    target = targets.target(target_name)
+    devices = target.devices(num_devices, cuda_version) if target.platform == "gpu" else target.devices(num_devices)
+    validate(config, data.DATASETS, num_devices)
+    resolve_convention(config)
+    resolve_platform_defaults(config, target.platform)
+    config.conv_grads = resolve_conv_grads(config.conv_grads, target.platform)
+    shapes = data_shapes(config)
+    options = contextlib.nullcontext() if project_options else compiler.without_options()
+    with options:
+        plan, calls = training_calls(config, devices, shapes)
+        report = {"target": target_name, "device_kind": devices[0].device_kind, "platform": target.platform,
+                  "devices": num_devices, "target_source": target.source, "jax": jax.__version__,
+                  "compiler_options": compiler.compiler_options(devices[0]),
+                  "model": config.model, "depth": config.depth, "p_last": config.p_last,
+                  "survival_mode": config.survival_mode, "drop_mode": config.drop_mode, "dtype": config.dtype,
+                  "scan_blocks": config.scan_blocks, "batch_size": config.batch_size,
+                  "xla_options": dict(xla_options or {}),
+                  "device_memory": target.memory,
+                  "usable_memory": int(target.memory * (GPU_MEMORY_POOL if target.platform == "gpu" else 1.0)),
+                  "calls": {}}
+    if target.platform == "gpu":
+        report["cuda_version"] = cuda_version
+    for name, function, args in calls:
+        dump_dir = os.path.join(dump_to, name) if dump_to else tempfile.mkdtemp(prefix=f"sd_jax_aot_{name}_")
+        start = time.perf_counter()
+        lowered = function.lower(*args)
+        extra = dict(xla_options or {}, **({"xla_dump_to": dump_dir} if target.platform == "gpu" else {}))
+        compiled = lowered.compile(extra or None)
+        result = {"compile_s": round(time.perf_counter() - start, 2), "memory": memory(compiled),
+                  "conditionals": count_conditionals(compiled.as_text())}
+        if name == "train":  # XLA counts a loop body once: scanned blocks would be counted once per stage
+            result["xla_flops_per_step"] = None if config.scan_blocks else xla_flops(lowered, compiled)
+            result["estimated_flops_per_step"] = estimated_flops(plan, shapes, config.batch_size // num_devices)
+        if target.platform == "gpu":  # the training call's loop runs once per step, evaluation's once per batch
+            per = "per_step" if name == "train" else "per_batch"
+            result["thunks"], result[f"host_round_trips_{per}"] = gpu_thunks(dump_dir) or (None, None)
+        report["calls"][name] = result
+    report["peak_memory"] = max(call["memory"]["total"] for call in report["calls"].values())
+    report["fits"] = report["peak_memory"] <= report["usable_memory"]
+    return report
+
+
+def gib(n) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def format_report(report: dict) -> str:
+    """The report as a few lines of text for a person."""
+    lines = [f"{report['model']} depth {report['depth']}, p_L {report['p_last']} ({report['survival_mode']}), "
+             f"{report['dtype']}, batch {report['batch_size']}, scan_blocks={report['scan_blocks']}: "
+             f"{report['devices']} x {report['device_kind']} ({report['target']}, compile only, JAX {report['jax']})"]
+    if report.get("cuda_version"):
+        lines.append(f"  described with CUDA driver/runtime {report['cuda_version']}")
+    lines.append(f"  the project's compiler options: {report['compiler_options'] or 'none'}"
+                 + (f"; added: {report['xla_options']}" if report["xla_options"] else ""))
+    for name, call in report["calls"].items():
+        m = call["memory"]
+        lines.append(f"  {name}: compiled in {call['compile_s']:.1f} s; memory per device {gib(m['total'])} "
+                     f"(arguments {gib(m['arguments'])}, outputs {gib(m['outputs'])}, aliased {gib(m['aliased'])}, "
+                     f"temporaries {gib(m['temporaries'])}); {call['conditionals']} conditionals")
+        if "xla_flops_per_step" in call:
+            est = call["estimated_flops_per_step"]
+            flops = call["xla_flops_per_step"]
+            lines.append(f"    FLOPs per step and device: XLA {flops / 1e9:.1f} G" if flops else
+                         "    FLOPs per step and device: none from XLA (with scan_blocks it counts each "
+                         "stage's loop body once)" if report["scan_blocks"] else
+                         "    FLOPs per step and device: XLA gave none")
+            lines[-1] += (f"; multiply-add estimate {est['constant'] / 1e9:.1f} G at constant depth, "
+                          f"{est['expected'] / 1e9:.1f} G expected with the drops")
+        if call.get("thunks"):
+            kinds = ", ".join(f"{k} {v}" for k, v in sorted(call["thunks"].items(), key=lambda kv: -kv[1]))
+            lines.append(f"    thunks: {kinds}")
+            per = "step" if "host_round_trips_per_step" in call else "evaluated batch"
+            lines.append(f"    host round trips per {per}: {call['host_round_trips_per_' + per.split()[-1]]}")
+    peak, usable = report["peak_memory"], report["usable_memory"]
+    pool = " (JAX's default pool: 75% of the GPU)" if report["platform"] == "gpu" else ""
+    if report["fits"]:
+        lines.append(f"  fits: {gib(peak)} of {gib(usable)} usable{pool}, {gib(report['device_memory'])} on the chip")
+    else:
+        lines.append(f"  DOES NOT FIT: {gib(peak)} needed, {gib(usable)} usable{pool}: over by {gib(peak - usable)}; "
+                     f"lower batch_size, use dtype=bfloat16 or more devices (try --devices {report['devices'] * 2})")
+    return "\n".join(lines)
+
+
+def arg_parser():
+    p = cli.parser(__doc__, config=True)
+    p.add_argument("--target", required=True, help=f"one of {', '.join(targets.TARGETS)}")
+    p.add_argument("--devices", type=int, default=1, help="devices of the data mesh (GPUs on one host, TPU chips)")
+    p.add_argument("--compiler-options", default="project", choices=("project", "none"),
+                   help="compile with the project's XLA options (sd_jax/compiler.py) or XLA's defaults")
+    p.add_argument("--xla-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an XLA (or libtpu) option added to both compilations; repeat for several")
+    p.add_argument("--cuda-version", default=targets.CUDA_VERSION,
+                   help="CUDA driver and runtime version the GPU is described with; below 12.3 XLA keeps "
+                        "conditionals and loops out of CUDA graphs")
+    p.add_argument("--dump-to", default="", help="keep XLA's dump of each call (HLO, GPU thunk sequence) here")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.add_argument(WORKER_FLAG, dest="worker_output", help=argparse.SUPPRESS)
+    return p
+
+
+def run_worker(args) -> None:
+    """In the child process: compile and write the report as JSON to the worker output file."""
+    options = dict(option.split("=", 1) for option in args.xla_option)
+    report = analyse(args.config, args.target, args.devices, args.cuda_version, args.compiler_options == "project",
+                     args.dump_to, options)
+    with open(args.worker_output, "w") as f:
+        json.dump(report, f)
+
+
+def compile_in_child(argv) -> dict:
+    """Run the compilation in a child process (a compiler that crashes takes only the child with
+    it): the report, or an AotFailure naming the signal or the child's last error lines."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "report.json")
+        # No accelerator is used: JAX on the CPU, and libtpu (compile only) may load beside another process.
+        env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+        child = subprocess.run([sys.executable, "-m", "sd_jax.aot", *argv, WORKER_FLAG, out], env=env,
+                               stderr=subprocess.PIPE, text=True)
+        if child.returncode == 0 and os.path.exists(out):
+            with open(out) as f:
+                return json.load(f)
+        errors = [line for line in child.stderr.splitlines() if line.startswith("error:")]
+        if errors:
+            raise AotInputError(errors[-1].removeprefix("error: "))
+        tail = "\n".join(child.stderr.strip().splitlines()[-8:])
+        how = (f"was killed by {signal.Signals(-child.returncode).name}" if child.returncode < 0
+               else f"exited with {child.returncode}")
+        raise AotFailure(f"the compiler {how}:\n{tail}")
+
+
+class AotInputError(ValueError):
+    """A target, device count or config that cannot be compiled for; the message says why."""
+
+
+class AotFailure(RuntimeError):
+    """The compilation failed or crashed; the message names how and the compiler's last words."""
+
+
+def run(args, argv):
+    if args.worker_output:
+        return run_worker(args)
+    targets.target(args.target)  # an unknown target or option fails here, before the child starts
+    bad = [option for option in args.xla_option if "=" not in option]
+    if bad:
+        raise AotInputError(f"--xla-option {bad[0]!r} must be KEY=VALUE")
+    report = compile_in_child(argv)
+    print(json.dumps(report) if args.json else format_report(report))
+    return report
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    extra = ((targets.TargetError, cli.EXIT_BAD_INPUT), (AotInputError, cli.EXIT_BAD_INPUT),
+             (AotFailure, cli.EXIT_FAILED))
+    return cli.main(arg_parser(), lambda args: run(args, argv), argv, extra_exit_codes=extra)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Deviceless compilation (sd_jax.aot): the thunk reader, conditionals in the compiled training
+call, and compiling for a GPU or TPU that is not attached (skipped where its compiler, the
+"aot-gpu" / "aot-tpu" extra, is not installed)."""
+import dataclasses
+import importlib.util
+import subprocess
+import sys
+import textwrap
+
+import jax
+import pytest
+
+from sd_jax import aot, targets
+from sd_jax.config import load_config
+
+GPU_COMPILER = any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (12, 13)) \
+    if importlib.util.find_spec("jax_plugins") else False
+TPU_COMPILER = importlib.util.find_spec("libtpu") is not None
+NEEDS_GPU_COMPILER = pytest.mark.skipif(not GPU_COMPILER, reason='JAX\'s CUDA plugin is not installed: pip install ".[aot-gpu]"')
+NEEDS_TPU_COMPILER = pytest.mark.skipif(not TPU_COMPILER, reason='libtpu is not installed: pip install ".[aot-tpu]"')
+
+# The shape of XLA:GPU's thunk sequence dump (module.thunk_sequence_after_thunk_passes.txt): a loop
+# with a conditional in its body outside any command buffer, then a command buffer holding another.
+SEQUENCE = """\
+001: kCopy         [source       | next=002 (1)] kCopy
+002: kWhile        [prev=001 (1) | sink        ]
+condition:
+    003: kCustomKernel [source | sink] wrapped_compare grid: [1, 1, 1] threads: [1, 1, 1]  shared_memory: 0 bytes
+  body:
+    006: kConditional  [source       | sink        ]
+      false_branch:
+        004: kConvolution [source | sink] kConvolution
+      true_branch:
+        005: kCopy [source | sink] kCopy
+000: kCommandBuffer [source | sink]
+    008: kConditional  [source | sink]
+      false_branch:
+        007: kCopy [source | sink] kCopy
+"""
+
+
+def test_thunk_counts_read_the_nesting_of_command_buffers():
+    kinds, host_round_trips = aot.thunk_counts(SEQUENCE)
+    assert kinds == {"kCopy": 3, "kWhile": 1, "kCustomKernel": 1, "kConditional": 2, "kConvolution": 1,
+                     "kCommandBuffer": 1}
+    assert host_round_trips == 2  # the loop and its conditional; the one inside the command buffer runs on the device
+
+
+def small_config(**overrides):
+    config = load_config("quickstart")
+    config.update({"dataset": "cifar10", "depth": 8, "batch_size": 16, "eval_batch_size": 1000, **overrides})
+    return config
+
+
+def test_imagenet_projection_blocks_kept_on_have_no_gate():
+    """ResNet-50's 16 blocks without the 4 projection blocks' gates (drop_downsample_blocks=False):
+    12 conditionals in the traced forward pass."""
+    from sd_jax.resnet_imagenet import ResNetImageNet
+
+    def conditionals(**kwargs):
+        model = ResNetImageNet(depth=50, num_classes=10, p_last=0.8, **kwargs)
+        x = jax.ShapeDtypeStruct((2, 32, 32, 3), jax.numpy.float32)
+        variables = jax.eval_shape(model.init, jax.random.key(0), x)
+        apply = lambda v, x: model.apply(v, x, train=True, rngs={"drop": jax.random.key(1)},  # noqa: E731
+                                         mutable=["batch_stats", "gates"])
+        return str(jax.make_jaxpr(apply)(variables, x)).count(" cond[")
+
+    assert conditionals(drop_downsample_blocks=True) == 16
+    assert conditionals(drop_downsample_blocks=False) == 12
+
+
+def test_data_shapes_match_the_loaded_bundled_dataset_and_the_paper_splits():
+    cifar = aot.data_shapes(small_config())
+    assert (cifar.num_train, cifar.num_val, cifar.num_test, cifar.image_shape) == (45000, 5000, 10000, (32, 32, 3))
+    svhn = aot.data_shapes(small_config(dataset="svhn"))
+    assert svhn.num_train + svhn.num_val == 73257 + 531131 and svhn.num_val == 10 * (400 + 200)
+
+
+def test_an_unknown_target_is_a_clear_error_and_exit_code_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        aot.main(["--config", "quickstart", "--target", "h101"])
+    assert exit_info.value.code == 2
+    assert "unknown target 'h101'; choose one of h100" in capsys.readouterr().err
+
+
+def test_a_missing_compiler_says_which_extra_to_install(monkeypatch):
+    from jax.experimental import topologies
+
+    def no_plugin(*args, **kwargs):
+        raise NotImplementedError("topology not implemented for cuda")
+
+    monkeypatch.setattr(topologies, "get_topology_desc", no_plugin)
+    with pytest.raises(targets.TargetError, match=r'pip install "sd_jax\[aot-gpu\]"'):
+        targets.target("h100").devices(1)
+
+
+def test_a_compiler_crash_is_reported_with_exit_code_3(tmp_path):
+    """The compilation runs in a child process: one that dies of a signal (here the config file
+    kills it, as libtpu's compiler once did) becomes an error line and exit code 3."""
+    config_file = tmp_path / "crash.py"
+    config_file.write_text(textwrap.dedent("""\
+        import os, signal, sys
+        from sd_jax.config import default_config
+
+        def get_config():
+            if "--worker-output" in sys.argv:
+                os.kill(os.getpid(), signal.SIGSEGV)
+            return default_config()
+        """))
+    result = subprocess.run([sys.executable, "-m", "sd_jax.aot", "--config", str(config_file), "--target", "h100"],
+                            capture_output=True, text=True)
+    assert result.returncode == 3, result.stderr
+    assert "error: the compiler was killed by SIGSEGV" in result.stderr
+
+
+@NEEDS_GPU_COMPILER
+def test_gpu_conditionals_and_the_step_loop_run_inside_one_command_buffer():
+    """H100, depth 8 at p_L 0.5: with the project's options no conditional or loop waits for the
+    host; with XLA's defaults each of the 6 conditionals and the step loop does."""
+    report = aot.analyse(small_config(p_last=0.5), "h100", 1, targets.CUDA_VERSION, project_options=True)
+    train = report["calls"]["train"]
+    assert train["conditionals"] == 6 and train["thunks"]["kConditional"] == 6
+    assert train["host_round_trips_per_step"] == 0 and train["thunks"]["kCommandBuffer"] >= 1
+    default = aot.analyse(small_config(p_last=0.5), "h100", 1, targets.CUDA_VERSION, project_options=False)
+    assert default["calls"]["train"]["host_round_trips_per_step"] == 6 + 1
+    assert report["fits"] and report["usable_memory"] == int(0.75 * targets.TARGETS["h100"].memory)
+
+
+@NEEDS_GPU_COMPILER
+def test_gpu_described_with_an_old_cuda_keeps_conditionals_on_the_host():
+    """XLA drops the CONDITIONAL and WHILE command-buffer types below CUDA 12.3 (what a user with
+    an old driver gets): the gates wait for the host again."""
+    report = aot.analyse(small_config(p_last=0.5), "h100", 1, "12.2.0", project_options=True)
+    assert report["calls"]["train"]["host_round_trips_per_step"] == 6 + 1
+
+
+@NEEDS_TPU_COMPILER
+def test_tpu_compiles_the_training_call_and_reports_flops_and_memory(monkeypatch):
+    report = aot.analyse(small_config(p_last=0.5), "v5e", 4, targets.CUDA_VERSION, project_options=True)
+    train = report["calls"]["train"]
+    assert report["devices"] == 4 and report["device_kind"].startswith("TPU v5")
+    assert train["conditionals"] == 6  # the TPU runs conditionals on the device
+    assert train["xla_flops_per_step"] > 0 and train["memory"]["total"] > 0
+    monkeypatch.setitem(targets.TARGETS, "tiny", dataclasses.replace(targets.TARGETS["v5e"], memory=2**20))
+    tiny = aot.analyse(small_config(p_last=0.5), "tiny", 1, targets.CUDA_VERSION, project_options=True)
+    assert not tiny["fits"]
+    assert "DOES NOT FIT" in aot.format_report(tiny) and "over by" in aot.format_report(tiny)
