@@ -2,8 +2,8 @@
 
     python train.py --config sd_jax/configs/quickstart.py --workdir runs/quickstart [--config.KEY=VALUE ...]
 
-Running it again on the same --workdir resumes from the latest checkpoint. Exit codes (README,
-"Command line"): 2 for a bad config, workdir or data (nothing is written), 3 when the loss stops
+Running it again on the same --workdir resumes from the latest checkpoint. Exit codes
+(docs/runs.md, "Command line"): 2 for a bad config, workdir or data (nothing is written), 3 when the loss stops
 being finite or no checkpoint reads.
 """
 from sd_jax import cli, parallel

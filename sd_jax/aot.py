@@ -327,8 +327,7 @@ def compile_in_child(argv) -> dict:
     it): the report, or an AotFailure naming the signal or the child's last error lines."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "report.json")
-        # No accelerator is used: JAX on the CPU, and libtpu (compile only) may load beside another process.
-        env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+        env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")  # no accelerator is used
         child = subprocess.run([sys.executable, "-m", "sd_jax.aot", *argv, WORKER_FLAG, out], env=env,
                                stderr=subprocess.PIPE, text=True)
         if child.returncode == 0 and os.path.exists(out):

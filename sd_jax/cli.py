@@ -1,7 +1,7 @@
 """What every command-line entry point shares: argparse parsing (with `--config FILE` and
 `--config.KEY=VALUE` overrides), progress output, and one exit-code table.
 
-Exit codes (README, "Command line"): 0 done; 1 an unexpected error (a bug: the traceback is printed);
+Exit codes (docs/runs.md, "Command line"): 0 done; 1 an unexpected error (a bug: the traceback is printed);
 2 bad input, found before anything is written (usage, config, workdir, data, a missing file);
 3 the work failed on the way (the training loss diverged, no checkpoint could be read).
 """

@@ -84,7 +84,7 @@ def jit(fun, device=None, **kwargs):
 
 def use_compilation_cache(directory: str) -> None:
     """Keep compiled programs in JAX's persistent cache under `directory` (~ expanded), so that a
-    second start of the same run loads them instead of compiling (README, "Start-up"). "" leaves
+    second start of the same run loads them instead of compiling (docs/runs.md, "Start-up"). "" leaves
     the cache off; a cache directory already set (JAX_COMPILATION_CACHE_DIR) is the user's."""
     if directory and not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))

@@ -26,7 +26,7 @@ DATA_SOURCES = {"tfds": "tensorflow-datasets", "files": "the official files (Ima
                 "synthetic": "generated JPEGs, imagenet2012 only"}
 
 
-# Where the paper is silent, whose conventions to follow (README, "Fidelity"). "authors": the
+# Where the paper is silent, whose conventions to follow (docs/fidelity.md). "authors": the
 # authors' Torch code as of the paper (yueatsprograms/Stochastic_Depth, commits up to 86b5cdd);
 # "pytorch": what PyTorch CIFAR-ResNet reimplementations usually do (torchvision init, per-channel
 # transforms.Normalize, a DataLoader that keeps the last partial batch).
@@ -204,7 +204,7 @@ def validate(config: ml_collections.ConfigDict, known_datasets, num_devices: int
     _require(config.drop_gates in DROP_GATES, f"drop_gates={config.drop_gates!r} must be one of {DROP_GATES}")
     _require(0.0 <= config.drop_warmup < 1.0, f"drop_warmup={config.drop_warmup} must lie in [0, 1)")
     _require(config.convention in CONVENTIONS,
-             f"convention={config.convention!r} must be one of {tuple(CONVENTIONS)} (README, Fidelity)")
+             f"convention={config.convention!r} must be one of {tuple(CONVENTIONS)} (docs/fidelity.md)")
     for key, choices in CONVENTION_CHOICES.items():
         _require(config[key] is None or config[key] in choices,
                  f"{key}={config[key]!r} must be one of {choices} (or None: the {config.convention!r} convention's)")

@@ -69,7 +69,7 @@ def image_folder(root: str, split: str) -> ImageSplit:
     if not os.path.isdir(folder):
         raise DataError(f"no folder {folder}: data_source='files' for imagenet2012 reads an ImageFolder, "
                         f"{os.path.join(root, '{train,val}', '<wnid>', '*.JPEG')} (data_dir={root!r}); "
-                        "see the README, ImageNet data")
+                        "see docs/imagenet.md, \"ImageNet data\"")
     classes = sorted(entry for entry in os.listdir(folder) if os.path.isdir(os.path.join(folder, entry)))
     unknown = sorted(set(classes) - set(wnids()))
     if unknown:

@@ -170,7 +170,7 @@ class ResNetCIFAR(nn.Module):
     which blocks ran). `bn_axis_name` synchronises BatchNorm statistics over that mapped axis.
     `mask` (N,) marks the real images of a padded training batch for the BatchNorm statistics.
     The defaults of `bn_scale_init`, `conv_init_fan`, `classifier_init` and `shortcut_downsample`
-    follow the authors' Torch code as of the paper (README, "Fidelity").
+    follow the authors' Torch code as of the paper (docs/fidelity.md).
     """
 
     depth: int

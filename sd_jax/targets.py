@@ -6,6 +6,7 @@ from. The compilers are optional extras: `pip install "sd_jax[aot-gpu]"` (the CU
 NVIDIA libraries) and `"sd_jax[aot-tpu]"` (libtpu).
 """
 import dataclasses
+import os
 from typing import Dict, Tuple
 
 import jax
@@ -89,6 +90,8 @@ class TpuTarget:
     def devices(self, count: int) -> list:
         from jax.experimental import topologies
 
+        # Compiling needs no TPU: libtpu may load beside another process (a second compilation).
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         if count not in self.shapes:
             raise TargetError(f"TPU {self.generation} slices here have {sorted(self.shapes)} chips, not {count}")
         shape = self.shapes[count]

@@ -86,7 +86,7 @@ def test_short_run_learns_and_is_reproducible(tmp_path):
     assert [l["epoch"] for l in lines_a] == [1, 2, 3]
     assert lines_a[-1]["train_loss"] < lines_a[0]["train_loss"]
     # Chance is 90%. Three epochs under the authors' BatchNorm init (scale uniform in [0, 1)) reach
-    # 50% here, the PyTorch convention 12% (README, Fidelity): this checks learning, not speed.
+    # 50% here, the PyTorch convention 12% (docs/fidelity.md): this checks learning, not speed.
     assert lines_a[-1]["val_error"] < 70.0
     timing = {"epoch_time_s", "images_per_s"}
     for a, b in zip(lines_a, lines_b):

@@ -3,7 +3,7 @@
 # the same accuracy for this setting. The recipe of imagenet_resnet50_composer_sd.py (composer does
 # not publish its baseline recipe; that file's comments give this one's sources).
 # Data: data_source "tfds" (the two official tars in <data_dir>/downloads/manual), "files" (an
-# ImageFolder in data_dir) or "synthetic" (README, ImageNet data).
+# ImageFolder in data_dir) or "synthetic" (docs/imagenet.md, "ImageNet data").
 #   python train.py --config sd_jax/configs/imagenet_resnet101_composer_sd.py --workdir runs/imagenet_resnet101_composer_sd
 from sd_jax.configs.imagenet_resnet50_composer_sd import get_config as resnet50_config
 
