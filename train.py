@@ -1,13 +1,13 @@
 """Train a stochastic-depth ResNet:
 
-    python train.py --config sd_jax/configs/quickstart.py --workdir runs/quickstart [--config.KEY=VALUE ...]
+    python train.py --config configs/quickstart.py --workdir runs/quickstart [--config.KEY=VALUE ...]
 
 Running it again on the same --workdir resumes from the latest checkpoint. Exit codes
 (docs/runs.md, "Command line"): 2 for a bad config, workdir or data (nothing is written), 3 when the loss stops
 being finite or no checkpoint reads.
 """
 from sd_jax import cli, parallel
-from sd_jax.training import train_and_evaluate
+from sd_jax.training.loop import train_and_evaluate
 
 
 def arg_parser():

@@ -30,6 +30,15 @@ import tempfile
 import time
 
 from sd_jax import cli, targets
+from sd_jax.training.plan import make_plan, make_train_state, run_keys
+from sd_jax.training.steps import (
+    HOST_BATCH_SPEC,
+    eval_variables,
+    make_batch_errors,
+    make_count_errors,
+    make_host_train_steps,
+    make_train_steps,
+)
 
 WORKER_FLAG = "--worker-output"
 HOST_SYNCED = ("kConditional", "kWhile")  # thunks that wait for the host unless inside a kCommandBuffer
@@ -79,7 +88,7 @@ def abstract(tree, sharding):
 def training_calls(config, devices, shapes: DataShapes):
     """(plan, [(name, jitted function, abstract arguments)]) for the run's training call and
     evaluation call on a data mesh of `devices`: the functions `train.py` compiles, with the
-    arguments its feeds pass them (sd_jax.training.DeviceFeed / HostFeed)."""
+    arguments its feeds pass them (sd_jax.training.feeds: DeviceFeed / HostFeed)."""
     import functools
 
     import jax
@@ -87,27 +96,27 @@ def training_calls(config, devices, shapes: DataShapes):
     import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    from sd_jax import data, parallel, training
+    from sd_jax import data, parallel
 
     mesh = Mesh(np.array(devices), (parallel.AXIS,))
-    plan = training.make_plan(config, shapes.num_train, shapes.num_classes, shapes.translate, shapes.flip, mesh)
+    plan = make_plan(config, shapes.num_train, shapes.num_classes, shapes.translate, shapes.flip, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
-    state = abstract(jax.eval_shape(functools.partial(training.make_train_state, plan=plan,
+    state = abstract(jax.eval_shape(functools.partial(make_train_state, plan=plan,
                                                       image_shape=shapes.image_shape), jax.random.key(0)), replicated)
-    keys = abstract(jax.eval_shape(lambda: training.run_keys(config.seed)), replicated)
+    keys = abstract(jax.eval_shape(lambda: run_keys(config.seed)), replicated)
     mean, std = (abstract(jnp.asarray(s), replicated) for s in
                  data.normalization_stats(np.zeros((1,) + shapes.image_shape, np.uint8), config.normalization))
-    variables = training.eval_variables(state)
+    variables = eval_variables(state)
     u8, i32 = jnp.uint8, jnp.int32
     if shapes.host_fed:
-        chunk, split = (config.steps_per_call, config.batch_size), NamedSharding(mesh, training.HOST_BATCH_SPEC["images"])
+        chunk, split = (config.steps_per_call, config.batch_size), NamedSharding(mesh, HOST_BATCH_SPEC["images"])
         host = {"images": jax.ShapeDtypeStruct(chunk + shapes.image_shape, u8, sharding=split),
                 "labels": jax.ShapeDtypeStruct(chunk, i32, sharding=split), "mean": mean, "std": std}
         batch = NamedSharding(mesh, PartitionSpec(parallel.AXIS))
         eval_batch = config.eval_batch_size
         return plan, [
-            ("train", training.make_host_train_steps(plan, config), (state, host, keys, 1)),
-            ("eval", training.make_batch_errors(config, plan.model, mesh),
+            ("train", make_host_train_steps(plan, config), (state, host, keys, 1)),
+            ("eval", make_batch_errors(config, plan.model, mesh),
              (variables, jax.ShapeDtypeStruct((eval_batch,) + shapes.image_shape, u8, sharding=batch),
               jax.ShapeDtypeStruct((eval_batch,), i32, sharding=batch), mean, std)),
         ]
@@ -121,8 +130,8 @@ def training_calls(config, devices, shapes: DataShapes):
                                             sharding=split_sharding),
              "labels": jax.ShapeDtypeStruct((batches, config.eval_batch_size), i32, sharding=split_sharding)}
     return plan, [
-        ("train", training.make_train_steps(plan, config), (state, train_data, keys, permutation, 0, 1)),
-        ("eval", training.make_count_errors(config, plan.model, mesh), (variables, split, mean, std)),
+        ("train", make_train_steps(plan, config), (state, train_data, keys, permutation, 0, 1)),
+        ("eval", make_count_errors(config, plan.model, mesh), (variables, split, mean, std)),
     ]
 
 

@@ -22,8 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sd_jax import cli, compiler, parallel, provenance, training
+from sd_jax import cli, compiler, parallel, provenance
 from sd_jax.config import MODEL_DEPTHS, ConfigError, default_config, resolve_convention
+from sd_jax.training.plan import make_model, make_plan, make_train_state, run_keys
+from sd_jax.training.steps import make_train_steps
 
 # The stochastic configuration's p_L when --p-last is not given: the paper's 0.5 (CIFAR, ResNet-152)
 # and composer's drop rates 0.2 / 0.4 for ResNet-50 / 101.
@@ -74,14 +76,14 @@ class JaxStep:
         defaults = DEFAULTS[args.model]
         self.train_data = parallel.replicate(
             random_train_data(num_train, args.image_size, defaults["num_classes"]), mesh)
-        plan = training.make_plan(config, num_train, defaults["num_classes"], defaults["translate"], flip=True,
+        plan = make_plan(config, num_train, defaults["num_classes"], defaults["translate"], flip=True,
                                   mesh=mesh)
-        self.keys = parallel.replicate(training.run_keys(0), mesh)
+        self.keys = parallel.replicate(run_keys(0), mesh)
         self.state = parallel.replicate(
-            training.make_train_state(self.keys["init"], plan, (args.image_size, args.image_size, 3)), mesh)
+            make_train_state(self.keys["init"], plan, (args.image_size, args.image_size, 3)), mesh)
         self.perm = jnp.arange(args.batch_size * args.steps)
         start = time.perf_counter()
-        self.fn = training.make_train_steps(plan, config).lower(
+        self.fn = make_train_steps(plan, config).lower(
             self.state, self.train_data, self.keys, self.perm, 0, self.steps).compile()
         self.compile_s = time.perf_counter() - start
         self.run()  # warm-up
@@ -270,7 +272,7 @@ def run(args):
         summary["speedup_vs_peer"] = summary["speedup_vs_peer_stochastic"]
     num_classes = DEFAULTS[args.model]["num_classes"]
     for key, name in (("expected_ratio", "stochastic"), ("expected_floor_ratio", "floor")):
-        model = training.make_model(bench_config(args, *configuration(name, args)), num_classes)
+        model = make_model(bench_config(args, *configuration(name, args)), num_classes)
         summary[key] = expected_step_ratio(model, args.image_size)
     print(json.dumps(summary), flush=True)
     return results, summary

@@ -16,10 +16,11 @@ import tempfile
 import time
 
 import jax
-import numpy as np
 
-from sd_jax import bench, cli, imagenet, input_pipeline, provenance, training
+from sd_jax import bench, cli, imagenet, input_pipeline, provenance
 from sd_jax.config import ConfigError, load_config, resolve_convention
+from sd_jax.training.experiment import make_experiment
+from sd_jax.training.feeds import HostFeed
 
 FOLDER_CLASSES = 10  # the synthetic ImageFolder spreads its images over the first ten wnids
 
@@ -59,8 +60,8 @@ def end_to_end(args, root: str, threads: int) -> list:
     config.update(data_source="files", data_dir=root, depth=args.depth, p_last=args.p_last, image_size=args.image_size,
                   batch_size=args.batch_size, steps_per_call=args.steps_per_call, dtype=args.dtype,
                   data_threads=threads)
-    experiment = training.make_experiment(resolve_convention(config))
-    feed = training.HostFeed(experiment)
+    experiment = make_experiment(resolve_convention(config))
+    feed = HostFeed(experiment)
     feed.compile(experiment.state)
     step_args = bench.complete_args(bench.arg_parser().parse_args(
         ["--model", "resnet_imagenet", "--depth", str(args.depth), "--image-size", str(args.image_size),

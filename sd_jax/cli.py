@@ -15,7 +15,7 @@ from sd_jax.checkpoints import CheckpointError
 from sd_jax.config import ConfigError, load_config
 from sd_jax.data_files import DataError
 from sd_jax.records import WorkdirError
-from sd_jax.training import TrainingDiverged
+from sd_jax.training.loop import TrainingDiverged
 
 EXIT_BAD_INPUT, EXIT_FAILED = 2, 3
 EXIT_CODES = ((ConfigError, EXIT_BAD_INPUT), (WorkdirError, EXIT_BAD_INPUT), (DataError, EXIT_BAD_INPUT),
@@ -30,7 +30,7 @@ def parser(doc: str, config: bool = False) -> argparse.ArgumentParser:
     if config:
         p.add_argument("--config", required=True, metavar="FILE",
                        help="experiment config: a .py file whose get_config() returns a ConfigDict, or the name of "
-                            "one in sd_jax/configs; override any key with --config.KEY=VALUE")
+                            "one in configs/; override any key with --config.KEY=VALUE")
     return p
 
 

@@ -1,5 +1,6 @@
 """The experiment configuration: defaults (the paper's CIFAR recipe), config files and validation."""
 import difflib
+import importlib.util
 import os
 
 import ml_collections
@@ -106,23 +107,42 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+def _config_dir() -> str:
+    """The experiment configs: the repository's top-level configs/, which the wheel ships as the
+    package sd_jax.configs (pyproject's package-dir), so that an installed sd_jax (Colab) finds them too."""
+    checkout = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    if os.path.isdir(checkout):
+        return checkout
+    spec = importlib.util.find_spec("sd_jax.configs")
+    return os.path.dirname(spec.origin) if spec and spec.origin else checkout
+
+
+CONFIG_DIR = _config_dir()
 
 
 def config_names() -> list:
-    """The experiments shipped in sd_jax/configs (one file each)."""
+    """The experiments in configs/ (one file each)."""
     return sorted(name[:-3] for name in os.listdir(CONFIG_DIR) if name.endswith(".py") and not name.startswith("_"))
 
 
 def config_path(name_or_path: str) -> str:
-    """A config file: the path of a .py file, or the name of one in sd_jax/configs ("quickstart")."""
+    """A config file: the path of a .py file, or the name of one in configs/ ("quickstart")."""
     if name_or_path.endswith(".py") and os.path.isfile(name_or_path):
         return name_or_path
     packaged = os.path.join(CONFIG_DIR, f"{name_or_path}.py")
     if os.path.sep not in name_or_path and os.path.isfile(packaged):
         return packaged
     raise ConfigError(f"no config file {name_or_path!r}; give the path of a .py file whose get_config() returns "
-                      f"a ConfigDict, or the name of one in sd_jax/configs: {', '.join(config_names())}")
+                      f"a ConfigDict, or the name of one in configs/: {', '.join(config_names())}")
+
+
+def base_config(name: str) -> ml_collections.ConfigDict:
+    """The ConfigDict of another experiment in configs/, for a config that builds on it (the
+    constant-depth twin of a stochastic-depth config); works in a checkout and when installed."""
+    spec = importlib.util.spec_from_file_location(f"sd_jax_config_{name}", config_path(name))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def load_config(name_or_path: str, overrides=()) -> ml_collections.ConfigDict:

@@ -8,8 +8,11 @@ import os
 
 import ml_collections
 
-from sd_jax import checkpoints, cli, records, training
+from sd_jax import checkpoints, cli, records
 from sd_jax.config import default_config, resolve_convention
+from sd_jax.training.experiment import make_experiment
+from sd_jax.training.feeds import make_feed
+from sd_jax.training.steps import eval_variables
 
 
 def run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -25,7 +28,7 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
 
 def evaluate(workdir: str, which: str = checkpoints.LATEST) -> dict:
     config = run_config(workdir)
-    experiment = training.make_experiment(config)
+    experiment = make_experiment(config)
     ckpts = checkpoints.Checkpoints(workdir)
     restored = ckpts.restore(experiment.state, which)
     ckpts.close()
@@ -33,7 +36,7 @@ def evaluate(workdir: str, which: str = checkpoints.LATEST) -> dict:
         raise checkpoints.CheckpointError(f"no {which} checkpoint in {workdir!r}")
     state, meta = restored
     return {"workdir": workdir, "checkpoint": which, "epoch": meta["epoch"], "step": int(state.step),
-            **training.make_feed(experiment).error_rates(training.eval_variables(state))}
+            **make_feed(experiment).error_rates(eval_variables(state))}
 
 
 def arg_parser():

@@ -155,8 +155,12 @@ def arg_parser():
 
 
 def run(args):
-    from sd_jax import data, parallel, training
+    from sd_jax import data, parallel
     from sd_jax.config import default_config, resolve_convention
+    from sd_jax.training.experiment import device_eval_data
+    from sd_jax.training.feeds import error_rates
+    from sd_jax.training.plan import make_model
+    from sd_jax.training.steps import make_count_errors
 
     dataset = data.load_dataset(args.dataset, args.data_dir, args.data_source)
     config = default_config()
@@ -168,11 +172,11 @@ def run(args):
                                       p_last=args.p_last, survival_mode=args.survival_mode,
                                       shortcut_downsample=args.shortcut_downsample)
     mesh = parallel.make_mesh()
-    count_errors = training.make_count_errors(config, training.make_model(config, dataset.num_classes, mesh), mesh)
-    eval_data = training.device_eval_data(dataset, config.eval_batch_size, mesh,
+    count_errors = make_count_errors(config, make_model(config, dataset.num_classes, mesh), mesh)
+    eval_data = device_eval_data(dataset, config.eval_batch_size, mesh,
                                           *dataset.normalization(config.normalization))
     result = {"checkpoint": args.checkpoint, "depth": args.depth, "dataset": args.dataset,
-              **training.error_rates(count_errors, variables, eval_data)}
+              **error_rates(count_errors, variables, eval_data)}
     print(json.dumps(result))
     return result
 

@@ -149,5 +149,3 @@ class Workdir:
         if self.primary:
             write_json_atomic(self.path(SUMMARY_FILE), summary)
 
-
-RunDir = Workdir  # the old name, kept for code that imports it

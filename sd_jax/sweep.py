@@ -1,6 +1,6 @@
 """The p_L sweep of the paper's Figure 8: one run per (mode, p_L), sequentially, resumable.
 
-    python -m sd_jax.sweep --config sd_jax/configs/quickstart.py --root runs/sweep --p-last 0.2,0.5,0.8 \
+    python -m sd_jax.sweep --config configs/quickstart.py --root runs/sweep --p-last 0.2,0.5,0.8 \
         --modes linear,uniform [--config.num_epochs=10 ...]
     python -m sd_jax.report --sweep runs/sweep --out report/
 
@@ -10,7 +10,8 @@ interrupted one resumes from its checkpoint, so rerunning the command continues 
 import logging
 import os
 
-from sd_jax import cli, records, training
+from sd_jax import cli, records
+from sd_jax.training.loop import train_and_evaluate
 
 log = logging.getLogger("sd_jax.sweep")  # not __name__: it is "__main__" under python -m
 
@@ -28,7 +29,7 @@ def run_sweep(config, root: str, p_lasts, modes) -> list:
             run_config = config.copy_and_resolve_references()
             run_config.p_last, run_config.survival_mode = p_last, mode
             log.info("sweep run %s", workdir)
-            training.train_and_evaluate(run_config, workdir)
+            train_and_evaluate(run_config, workdir)
     return workdirs
 
 
@@ -39,7 +40,7 @@ def comma_list(kind):
 def arg_parser():
     p = cli.parser(__doc__, config=True)
     p.add_argument("--root", required=True, help="folder for the sweep's run workdirs")
-    p.add_argument("--p-last", "--p_last", type=comma_list(float), default=[0.2, 0.5, 0.8],
+    p.add_argument("--p-last", type=comma_list(float), default=[0.2, 0.5, 0.8],
                    help="comma-separated survival probabilities of the last block")
     p.add_argument("--modes", type=comma_list(str), default=["linear", "uniform"], help="comma-separated survival modes")
     return p

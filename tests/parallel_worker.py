@@ -14,7 +14,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import PartitionSpec  # noqa: E402
 
-from sd_jax import checkpoints, parallel, records, training  # noqa: E402
+from sd_jax import checkpoints, parallel, records  # noqa: E402
+from sd_jax.training.experiment import make_experiment  # noqa: E402
+from sd_jax.training.feeds import epoch_permutation  # noqa: E402
+from sd_jax.training.loop import train_and_evaluate  # noqa: E402
+from sd_jax.training.steps import device_drop_key, make_train_steps  # noqa: E402
 from tests.test_training import tiny_config  # noqa: E402
 
 
@@ -30,8 +34,8 @@ def config_from(args):
 
 def train(workdir, config):
     """Train (or resume), then dump the final parameters next to the run's files."""
-    training.train_and_evaluate(config, workdir)
-    run = training.make_experiment(config)
+    train_and_evaluate(config, workdir)
+    run = make_experiment(config)
     ckpts = checkpoints.Checkpoints(workdir)
     state, _ = ckpts.restore(run.state)
     ckpts.close()
@@ -42,13 +46,13 @@ def train(workdir, config):
 
 def gates(workdir, config):
     """Block gates each device draws in one training step, for several steps."""
-    run = training.make_experiment(config)
+    run = make_experiment(config)
     model, mesh = run.plan.model, run.plan.mesh
     x = jnp.ones((config.batch_size, 16, 16, 3))
     variables = {"params": run.state.params, "batch_stats": run.state.batch_stats}
 
     def per_device(keys, step, x):
-        _, updates = model.apply(variables, x, train=True, rngs={"drop": training.device_drop_key(keys, step, config)},
+        _, updates = model.apply(variables, x, train=True, rngs={"drop": device_drop_key(keys, step, config)},
                                  mutable=["batch_stats", "gates"])
         return jnp.stack([jnp.ravel(g) for g in jax.tree.leaves(updates["gates"])]).ravel()[None]
 
@@ -60,9 +64,9 @@ def gates(workdir, config):
 
 def conditionals(workdir, config):
     """How many conditionals the compiled multi-device train step holds."""
-    run = training.make_experiment(config)
-    perm = training.epoch_permutation(run.keys, 0, run.plan, config.batch_size)
-    hlo = training.make_train_steps(run.plan, config).lower(
+    run = make_experiment(config)
+    perm = epoch_permutation(run.keys, 0, run.plan, config.batch_size)
+    hlo = make_train_steps(run.plan, config).lower(
         run.state, run.train_data, run.keys, perm, 0, 1).compile().as_text()
     return {"conditionals": hlo.count(" conditional("), "blocks": run.plan.model.num_blocks}
 

@@ -8,12 +8,15 @@ import time
 import jax.numpy as jnp
 import pytest
 
-from sd_jax import checkpoints, evaluate, records, training
+from sd_jax import checkpoints, evaluate, records
+from sd_jax.training import steps as training_steps
+from sd_jax.training.experiment import make_experiment
+from sd_jax.training.loop import TrainingDiverged, train_and_evaluate
 from tests.conftest import ROOT
 from tests.test_training import tiny_config
 
 TIMING = {"epoch_time_s", "images_per_s", "train_time_s", "wall_time_s", "compile_s"}
-ARGS = ["--config", "sd_jax/configs/quickstart.py", "--config.dataset=synthetic", "--config.depth=8",
+ARGS = ["--config", "configs/quickstart.py", "--config.dataset=synthetic", "--config.depth=8",
         "--config.num_epochs=8", "--config.lr_boundaries=(6,)", "--config.steps_per_call=2"]
 
 
@@ -65,7 +68,7 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted_run(tmp_path):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("run"))
-    training.train_and_evaluate(tiny_config(num_epochs=4), workdir)
+    train_and_evaluate(tiny_config(num_epochs=4), workdir)
     return workdir
 
 
@@ -94,39 +97,39 @@ def test_evaluate_cli_agrees_with_recorded_metrics(finished_run, which, capsys):
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
     workdir = str(tmp_path / "run")
     config = tiny_config(num_epochs=3)
-    training.train_and_evaluate(config, workdir)
+    train_and_evaluate(config, workdir)
     state_dir = os.path.join(workdir, "checkpoints", "24", "state")  # epoch 3 of 8 steps
     for folder, _, files in os.walk(state_dir):
         for name in files:
             if name != "commit_success.txt":
                 with open(os.path.join(folder, name), "r+b") as f:
                     f.truncate(max(0, os.path.getsize(f.name) // 3))
-    run = training.make_experiment(config)
+    run = make_experiment(config)
     ckpts = checkpoints.Checkpoints(workdir)
     state, meta = ckpts.restore(run.state)
     ckpts.close()
     assert meta["epoch"] == 2 and int(state.step) == 2 * run.plan.steps_per_epoch
     assert "checkpoint 24 (latest) is unreadable" in caplog.text
     # Resuming with one more epoch redoes epoch 3 from the epoch-2 checkpoint and matches a clean run.
-    summary = training.train_and_evaluate(tiny_config(num_epochs=4), workdir)
-    clean = training.train_and_evaluate(tiny_config(num_epochs=4), str(tmp_path / "clean"))
+    summary = train_and_evaluate(tiny_config(num_epochs=4), workdir)
+    clean = train_and_evaluate(tiny_config(num_epochs=4), str(tmp_path / "clean"))
     assert [without_timing(l) for l in records.read_metrics(workdir)] == [
         without_timing(l) for l in records.read_metrics(str(tmp_path / "clean"))]
     assert without_timing(summary) == without_timing(clean)
 
 
 def test_injected_nan_stops_with_epoch_and_keeps_good_checkpoints(tmp_path, monkeypatch):
-    original = training.train_step
+    original = training_steps.train_step
 
     def poisoned(state, *args):  # NaN loss from the 21st step on: epoch 3 (8 steps each), chunk 4-6
         state, metrics = original(state, *args)
         metrics["loss"] = metrics["loss"] * jnp.where(state.step > 20, jnp.nan, 1.0)
         return state, metrics
 
-    monkeypatch.setattr(training, "train_step", poisoned)
+    monkeypatch.setattr(training_steps, "train_step", poisoned)
     workdir = str(tmp_path / "run")
-    with pytest.raises(training.TrainingDiverged, match="epoch 3, steps 4-6 of 8"):
-        training.train_and_evaluate(tiny_config(num_epochs=4), workdir)
+    with pytest.raises(TrainingDiverged, match="epoch 3, steps 4-6 of 8"):
+        train_and_evaluate(tiny_config(num_epochs=4), workdir)
     assert [l["epoch"] for l in records.read_metrics(workdir)] == [1, 2]
     ckpts = checkpoints.Checkpoints(workdir)
     assert ckpts.steps(checkpoints.LATEST) == [8, 16]

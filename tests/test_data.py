@@ -186,7 +186,7 @@ def test_train_py_end_to_end_on_generated_files(tmp_path, name, write):
     from tests.conftest import ROOT
     write(str(tmp_path / "data"))
     result = subprocess.run(
-        [sys.executable, "train.py", "--config", "sd_jax/configs/quickstart.py", "--workdir", str(tmp_path / "run"),
+        [sys.executable, "train.py", "--config", "configs/quickstart.py", "--workdir", str(tmp_path / "run"),
          f"--config.dataset={name}", "--config.data_source=files", f"--config.data_dir={tmp_path / 'data'}",
          "--config.depth=8", "--config.num_epochs=1", "--config.lr_boundaries=(2,)"],
         cwd=ROOT, capture_output=True, text=True, timeout=600)

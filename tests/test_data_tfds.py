@@ -77,7 +77,7 @@ def test_following_the_offline_advice_in_the_same_workdir_works(tmp_path):
     from tests.conftest import ROOT
     data_dir, workdir = tmp_path / "data", tmp_path / "run"
     small = ["--config.depth=8", "--config.num_epochs=1", "--config.lr_boundaries=(2,)", f"--config.data_dir={data_dir}"]
-    command = [sys.executable, "train.py", "--config", "sd_jax/configs/cifar10_resnet110_sd.py", "--workdir",
+    command = [sys.executable, "train.py", "--config", "configs/cifar10_resnet110_sd.py", "--workdir",
                str(workdir), *small]
     offline_run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert offline_run.returncode == 2 and "data_source='files'" in offline_run.stderr, offline_run.stderr[-2000:]

@@ -10,9 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sd_jax import records, training
+from sd_jax import records
 from sd_jax.config import CONVENTIONS, default_config, load_config
 from sd_jax.models import ResNetCIFAR, option_a_shortcut
+from sd_jax.training.experiment import make_experiment
+from sd_jax.training.feeds import epoch_permutation
+from sd_jax.training.loop import train_and_evaluate
+from sd_jax.training.plan import steps_per_epoch
+from sd_jax.training.steps import make_train_steps
 from tests.test_training import tiny_config
 
 
@@ -76,14 +81,14 @@ def test_average_shortcut_is_the_mean_of_each_2x2_window_then_zero_channels():
 
 
 def test_cifar_epoch_has_352_steps_and_sees_every_image_once():
-    assert training.steps_per_epoch(45_000, 128, True) == 352  # split(128): 351 full + one of 72
-    assert training.steps_per_epoch(45_000, 128, False) == 351
+    assert steps_per_epoch(45_000, 128, True) == 352  # split(128): 351 full + one of 72
+    assert steps_per_epoch(45_000, 128, False) == 351
     config = tiny_config(batch_size=100)  # 1024 synthetic images: 10 batches of 100 + one of 24
-    run = training.make_experiment(config)
+    run = make_experiment(config)
     assert run.plan.steps_per_epoch == 11
-    perm = np.asarray(training.epoch_permutation(run.keys, 1, run.plan, config.batch_size))
+    perm = np.asarray(epoch_permutation(run.keys, 1, run.plan, config.batch_size))
     assert perm.shape == (1100,) and sorted(perm[:1024]) == list(range(1024))
-    train_steps = training.make_train_steps(run.plan, config)
+    train_steps = make_train_steps(run.plan, config)
     _, sums = train_steps(run.state, run.train_data, run.keys, jnp.asarray(perm), 0, 11)
     assert float(sums["images"]) == 1024 and float(sums["steps"]) == 11
 
@@ -92,19 +97,19 @@ def test_partial_batch_step_equals_a_step_on_its_real_images_alone():
     # The padded last batch (8 real images of 32) must update parameters and BatchNorm statistics
     # exactly as a batch of those 8 images alone: the loss is their mean, statistics their own.
     config = tiny_config(batch_size=32, augment_translate=0, augment_flip=False, p_last=0.5)
-    run = training.make_experiment(config)
+    run = make_experiment(config)
     subset = {k: v[:40] if k in ("images", "labels") else v for k, v in run.train_data.items()}
     plan = dataclasses.replace(run.plan, num_train=40, steps_per_epoch=2)
     perm = jnp.asarray(np.random.default_rng(1).permutation(40))
     copy = lambda tree: jax.tree.map(jnp.copy, tree)
     padded_perm = jnp.pad(perm, (0, 24))
-    padded, padded_sums = training.make_train_steps(plan, config)(
+    padded, padded_sums = make_train_steps(plan, config)(
         copy(run.state), subset, run.keys, padded_perm, 1, 1)
 
     alone_config = tiny_config(batch_size=8, augment_translate=0, augment_flip=False, p_last=0.5,
                                partial_last_batch=False)
     alone_plan = dataclasses.replace(plan, num_train=8, steps_per_epoch=1)
-    alone, alone_sums = training.make_train_steps(alone_plan, alone_config)(
+    alone, alone_sums = make_train_steps(alone_plan, alone_config)(
         copy(run.state), subset, run.keys, perm[32:], 0, 1)
     assert float(padded_sums["images"]) == float(alone_sums["images"]) == 8
     assert float(padded_sums["loss"]) == pytest.approx(float(alone_sums["loss"]), rel=1e-5)
@@ -117,7 +122,7 @@ def test_partial_batch_step_equals_a_step_on_its_real_images_alone():
 def test_eval_every_steps_cadence_checkpoints_and_exact_resume(tmp_path):
     config = tiny_config(eval_every_steps=5)  # 8 steps per epoch, 24 in all
     workdir = str(tmp_path / "run")
-    summary = training.train_and_evaluate(config, workdir)
+    summary = train_and_evaluate(config, workdir)
     lines = records.read_metrics(workdir)
     assert [l["step"] for l in lines] == [5, 10, 15, 20, 24]
     assert [l["epoch"] for l in lines] == [0.625, 1.25, 1.875, 2.5, 3]
@@ -133,7 +138,7 @@ def test_eval_every_steps_cadence_checkpoints_and_exact_resume(tmp_path):
         f.writelines(json.dumps(line, sort_keys=True) + "\n" for line in lines[:4])
     shutil.rmtree(os.path.join(interrupted, "checkpoints", "24"))
     os.remove(os.path.join(interrupted, records.SUMMARY_FILE))
-    training.train_and_evaluate(config, interrupted)
+    train_and_evaluate(config, interrupted)
     timing = ("epoch_time_s", "images_per_s")
     strip = lambda line: {k: v for k, v in line.items() if k not in timing}
     assert [strip(l) for l in records.read_metrics(interrupted)] == [strip(l) for l in lines]

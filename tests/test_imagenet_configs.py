@@ -6,9 +6,11 @@ import sys
 
 import pytest
 
-from sd_jax import data, records, report, training
+from sd_jax import data, records, report
 from sd_jax.config import ConfigError, load_config, resolve_convention, validate
 from sd_jax.resnet_imagenet import ResNetImageNet
+from sd_jax.training.loop import train_and_evaluate
+from sd_jax.training.plan import learning_rate_schedule, make_model
 from tests.conftest import ROOT
 from tests.test_resnet_imagenet import closed_form_params
 from tests.test_training import tiny_config
@@ -22,7 +24,7 @@ IMAGENET_CONFIGS = {  # name: (depth, p_last)
 
 def test_without_the_data_train_py_stops_at_once_and_says_where_it_goes(tmp_path):
     workdir = tmp_path / "run"
-    result = subprocess.run([sys.executable, "train.py", "--config", "sd_jax/configs/imagenet_resnet50_composer_sd.py",
+    result = subprocess.run([sys.executable, "train.py", "--config", "configs/imagenet_resnet50_composer_sd.py",
                              "--workdir", str(workdir), f"--config.data_dir={tmp_path / 'tfds'}"], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 2, result.stderr[-2000:]
@@ -35,7 +37,7 @@ def test_without_the_data_train_py_stops_at_once_and_says_where_it_goes(tmp_path
 def test_imagenet_configs_are_complete_and_build_their_model(name):
     config = load_config(name)
     validate(config, data.DATASETS)
-    model = training.make_model(resolve_convention(config), num_classes=1000)
+    model = make_model(resolve_convention(config), num_classes=1000)
     depth, p_last = IMAGENET_CONFIGS[name]
     assert isinstance(model, ResNetImageNet) and (model.depth, model.p_last) == (depth, p_last)
     assert model.drop_downsample_blocks and model.drop_mode == "block" and config.drop_gates == "shared"
@@ -52,7 +54,7 @@ def fb_resnet_torch_lr(epoch: int) -> float:
 @pytest.mark.parametrize("epoch", [1, 30, 31, 60, 61, 90, 91, 120])
 def test_paper_learning_rate_is_fb_resnet_torchs(epoch):
     steps = 10009  # 1,281,167 images in batches of 128, the last one partial
-    schedule = training.learning_rate_schedule(load_config("imagenet_resnet152_paper_sd"), steps)
+    schedule = learning_rate_schedule(load_config("imagenet_resnet152_paper_sd"), steps)
     for step in ((epoch - 1) * steps, epoch * steps - 1):
         assert float(schedule(step)) == pytest.approx(fb_resnet_torch_lr(epoch), rel=1e-6)
 
@@ -67,14 +69,14 @@ def test_composer_learning_rate_warms_up_linearly_then_follows_a_cosine():
             return peak * t / warmup
         return peak * 0.5 * (1 + math.cos(math.pi * (t - warmup) / (total - warmup)))
 
-    schedule = training.learning_rate_schedule(config, steps)
+    schedule = learning_rate_schedule(config, steps)
     for t in (0, 1, warmup // 2, warmup - 1, warmup, warmup + 1, total // 2, total - 1, total):
         assert float(schedule(t)) == pytest.approx(expected(t), rel=1e-5, abs=1e-7), t
 
 
 def test_linear_warmup_keeps_the_step_boundaries_where_they_were():
     config = tiny_config(lr_boundaries=(3, 5), lr_warmup_epochs=1, lr_warmup="linear", lr_warmup_value=0.0)
-    schedule = training.learning_rate_schedule(config, steps_per_epoch=10)
+    schedule = learning_rate_schedule(config, steps_per_epoch=10)
     expected = {0: 0.0, 5: 0.05, 9: 0.09, 10: 0.1, 19: 0.1, 20: 0.01, 39: 0.01, 40: 0.001}
     assert {step: pytest.approx(float(schedule(step))) for step in expected} == expected
 
@@ -121,7 +123,7 @@ def test_the_bottleneck_model_trains_through_the_training_loop(tmp_path):
     config = tiny_config(dataset="digits", model="resnet_imagenet", depth=50, p_last=0.8, drop_downsample_blocks=False,
                          zero_init_last_bn=True, scan_blocks=True, num_epochs=1, lr_schedule="cosine",
                          lr_boundaries=(), eval_every_steps=5)
-    summary = training.train_and_evaluate(config, str(tmp_path / "run"))
+    summary = train_and_evaluate(config, str(tmp_path / "run"))
     lines = records.read_metrics(str(tmp_path / "run"))
     grayscale_stem = 7 * 7 * 2 * 64  # the digits have one channel, the closed form counts three
     assert summary["num_params"] == closed_form_params((3, 4, 6, 3), num_classes=10) - grayscale_stem

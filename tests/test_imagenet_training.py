@@ -11,12 +11,13 @@ import jax
 import numpy as np
 import pytest
 
-from sd_jax import parallel, records, training
+from sd_jax import parallel, records
+from sd_jax.training.steps import make_batch_errors
 from tests.conftest import ROOT
 from tests.test_checkpoints import wait_for_metrics, without_timing
 from tests.test_training import tiny_config
 
-SMOKE = ["--config", "sd_jax/configs/imagenet_resnet50_composer_sd.py", "--config.data_source=synthetic",
+SMOKE = ["--config", "configs/imagenet_resnet50_composer_sd.py", "--config.data_source=synthetic",
          "--config.synthetic_images=(24,4)", "--config.image_size=64", "--config.batch_size=4",
          "--config.eval_batch_size=4", "--config.num_epochs=3", "--config.lr_warmup_epochs=1",
          "--config.dtype=float32", "--config.steps_per_call=2", "--config.eval_every_steps=3"]
@@ -66,7 +67,7 @@ def test_evaluation_counts_top1_and_top5_errors_and_skips_padding():
     labels = rng.integers(0, 10, 8).astype(np.int32)
     labels[-1] = -1  # padding
     mesh = parallel.make_mesh()
-    batch_errors = training.make_batch_errors(tiny_config(), PixelLogits(), mesh)
+    batch_errors = make_batch_errors(tiny_config(), PixelLogits(), mesh)
     mean, std = np.zeros(3, np.float32), np.ones(3, np.float32)
     wrong = np.asarray(batch_errors({}, *(parallel.put(x, mesh, jax.sharding.PartitionSpec(parallel.AXIS))
                                           for x in (images, labels)), mean, std))

@@ -10,7 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from sd_jax import checkpoints, records, training
+from sd_jax import checkpoints, records
+from sd_jax.training.experiment import make_experiment
+from sd_jax.training.loop import train_and_evaluate
 from tests.conftest import ROOT
 from tests.test_checkpoints import wait_for_metrics, without_timing
 from tests.test_training import tiny_config
@@ -55,7 +57,7 @@ def pair_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("single") / "run")
-    training.train_and_evaluate(tiny_config(**SETTINGS), workdir)
+    train_and_evaluate(tiny_config(**SETTINGS), workdir)
     return workdir
 
 
@@ -75,7 +77,7 @@ def test_two_processes_train_as_one(pair_run, single_run):
 def test_checkpoint_of_two_processes_restores_in_one(pair_run, single_run):
     workdir, _ = pair_run
     single = single_run
-    experiment = training.make_experiment(tiny_config(**SETTINGS))
+    experiment = make_experiment(tiny_config(**SETTINGS))
     restored = {}
     for name, path in (("pair", str(workdir)), ("single", single)):
         ckpts = checkpoints.Checkpoints(path)

@@ -85,7 +85,7 @@ def test_two_device_checkpoint_resumes_on_one_device(tmp_path, single_device_run
 
 def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    result = subprocess.run([sys.executable, "train.py", "--config", "sd_jax/configs/quickstart.py", "--workdir",
+    result = subprocess.run([sys.executable, "train.py", "--config", "configs/quickstart.py", "--workdir",
                              str(tmp_path / "run"), "--config.batch_size=130"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2

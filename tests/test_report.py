@@ -6,9 +6,10 @@ import sys
 
 import pytest
 
-from sd_jax import records, report, training
+from sd_jax import records, report
 from sd_jax.config import load_config, resolve_convention
 from sd_jax.models import ResNetCIFAR
+from sd_jax.training.loop import train_and_evaluate
 from tests import notebooks
 from tests.conftest import ROOT
 from tests.test_training import tiny_config
@@ -20,7 +21,7 @@ def two_runs(tmp_path_factory):
     workdirs = []
     for name, p_last in (("constant", 1.0), ("stochastic", 0.5)):
         workdir = str(root / name)
-        training.train_and_evaluate(tiny_config(dataset="digits", p_last=p_last, num_epochs=4), workdir)
+        train_and_evaluate(tiny_config(dataset="digits", p_last=p_last, num_epochs=4), workdir)
         workdirs.append(workdir)
     return workdirs
 
@@ -80,7 +81,7 @@ def test_table_quotes_the_published_numbers_for_the_same_setting():
 
 
 def test_sweep_runs_both_modes_resumably_and_plots_both_series(tmp_path):
-    command = [sys.executable, "-m", "sd_jax.sweep", "--config", "sd_jax/configs/quickstart.py", "--root",
+    command = [sys.executable, "-m", "sd_jax.sweep", "--config", "configs/quickstart.py", "--root",
                str(tmp_path / "sweep"), "--p-last", "0.3,0.7", "--modes", "linear,uniform",
                "--config.dataset=synthetic", "--config.depth=8", "--config.num_epochs=1", "--config.lr_boundaries=(2,)"]
     first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -127,7 +128,7 @@ def test_quickstart_notebook_runs_the_config_file(tmp_path):
                       'OVERRIDES = {"depth": 8, "num_epochs": 2}\n', tmp_path)
     assert ns["summary"]["epochs_completed"] == 2
     assert (tmp_path / "report" / "figure3.png").exists()
-    # What ran is sd_jax/configs/quickstart.py with only the overrides changed (no copy to drift).
+    # What ran is configs/quickstart.py with only the overrides changed (no copy to drift).
     expected = resolve_convention(load_config(os.path.join(ROOT, "sd_jax", "configs", "quickstart.py")))
     expected.update(depth=8, num_epochs=2)
     assert records.read_json(str(tmp_path / "run"), records.CONFIG_FILE) == json.loads(expected.to_json_best_effort())

@@ -10,8 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sd_jax import aot, compiler, provenance, records, training
+from sd_jax import aot, compiler, provenance, records
 from sd_jax.config import default_config
+from sd_jax.training.experiment import make_experiment
+from sd_jax.training.feeds import epoch_permutation
+from sd_jax.training.loop import train_and_evaluate, warn_if_accelerator_idle
+from sd_jax.training.plan import learning_rate_schedule, make_model
+from sd_jax.training.steps import make_train_steps
 from tests.conftest import ROOT
 
 
@@ -24,9 +29,9 @@ def tiny_config(**overrides):
 
 
 def count_conditionals(config):
-    run = training.make_experiment(config)
-    perm = training.epoch_permutation(run.keys, 0, run.plan, config.batch_size)
-    hlo = training.make_train_steps(run.plan, config).lower(
+    run = make_experiment(config)
+    perm = epoch_permutation(run.keys, 0, run.plan, config.batch_size)
+    hlo = make_train_steps(run.plan, config).lower(
         run.state, run.train_data, run.keys, perm, 0, 1).compile().as_text()
     return aot.count_conditionals(hlo)
 
@@ -46,9 +51,9 @@ def test_sample_mode_has_no_conditional():
 
 def test_warmup_starts_with_every_block_active():
     config = tiny_config(p_last=0.05, drop_warmup=0.5, depth=14)
-    run = training.make_experiment(config)
-    train_steps = training.make_train_steps(run.plan, config)
-    perm = training.epoch_permutation(run.keys, 1, run.plan, config.batch_size)
+    run = make_experiment(config)
+    train_steps = make_train_steps(run.plan, config)
+    perm = epoch_permutation(run.keys, 1, run.plan, config.batch_size)
     copy = lambda state: jax.tree.map(jnp.copy, state)  # the train step donates its state
     _, first = train_steps(copy(run.state), run.train_data, run.keys, perm, 0, 1)
     assert float(first["active_blocks"]) == run.plan.model.num_blocks == 6
@@ -60,7 +65,7 @@ def test_warmup_starts_with_every_block_active():
 def test_make_model_takes_a_config_straight_from_load_config():
     from sd_jax.config import load_config
 
-    model = training.make_model(load_config("cifar10_resnet110_sd"), num_classes=10)
+    model = make_model(load_config("cifar10_resnet110_sd"), num_classes=10)
     assert model.shortcut_downsample == "subsample" and model.num_blocks == 54
     assert model.scan_blocks is (jax.default_backend() == "tpu")  # None: the platform's default
 
@@ -70,7 +75,7 @@ def test_a_gpu_that_jax_does_not_use_is_announced_with_the_install_line(monkeypa
     monkeypatch.setattr(os.path, "exists", lambda path: path == "/dev/nvidia0" or real_exists(path))
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     caplog.set_level("WARNING", logger="sd_jax")
-    training.warn_if_accelerator_idle()
+    warn_if_accelerator_idle()
     assert "This machine has an NVIDIA GPU, but JAX runs on the CPU" in caplog.text
     assert 'pip install -U "jax[cuda13]"' in caplog.text
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
@@ -79,8 +84,8 @@ def test_a_gpu_that_jax_does_not_use_is_announced_with_the_install_line(monkeypa
 
 def test_short_run_learns_and_is_reproducible(tmp_path):
     config = tiny_config()
-    first = training.train_and_evaluate(config, str(tmp_path / "a"))
-    again = training.train_and_evaluate(config, str(tmp_path / "b"))
+    first = train_and_evaluate(config, str(tmp_path / "a"))
+    again = train_and_evaluate(config, str(tmp_path / "b"))
     lines_a = records.read_metrics(str(tmp_path / "a"))
     lines_b = records.read_metrics(str(tmp_path / "b"))
     assert [l["epoch"] for l in lines_a] == [1, 2, 3]
@@ -103,7 +108,7 @@ def run_train(args, cwd=ROOT):
 
 def test_quickstart_writes_its_files_and_reaches_target(tmp_path):
     workdir = tmp_path / "quickstart"
-    result = run_train(["--config", "sd_jax/configs/quickstart.py", "--workdir", str(workdir)])
+    result = run_train(["--config", "configs/quickstart.py", "--workdir", str(workdir)])
     assert result.returncode == 0, result.stderr[-3000:]
     config = json.loads((workdir / "config.json").read_text())
     assert config["dataset"] == "digits" and config["depth"] == 20
@@ -146,19 +151,19 @@ def test_quickstart_writes_its_files_and_reaches_target(tmp_path):
 ])
 def test_bad_config_values_exit_2_and_write_nothing(tmp_path, override, message):
     workdir = tmp_path / "run"
-    result = run_train(["--config", "sd_jax/configs/quickstart.py", "--workdir", str(workdir), override])
+    result = run_train(["--config", "configs/quickstart.py", "--workdir", str(workdir), override])
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr
     assert not workdir.exists()
 
 
 def test_unknown_config_key_or_argument_exits_2_and_writes_nothing(tmp_path):
-    result = run_train(["--config", "sd_jax/configs/quickstart.py", "--workdir", str(tmp_path / "r"),
+    result = run_train(["--config", "configs/quickstart.py", "--workdir", str(tmp_path / "r"),
                         "--config.learning_rat=0.1"])
     assert result.returncode == 2, result.stderr[-2000:]
     assert "error: unknown config key 'learning_rat'" in result.stderr and "learning_rate" in result.stderr
     assert "Traceback" not in result.stderr
-    result = run_train(["--config", "sd_jax/configs/quickstart.py", "--workdir", str(tmp_path / "r"), "--epochs=3"])
+    result = run_train(["--config", "configs/quickstart.py", "--workdir", str(tmp_path / "r"), "--epochs=3"])
     assert result.returncode == 2 and "unrecognized arguments: --epochs=3" in result.stderr
     result = run_train(["--config", "no_such_config", "--workdir", str(tmp_path / "r")])
     assert result.returncode == 2 and "no config file 'no_such_config'" in result.stderr and "quickstart" in result.stderr
@@ -170,7 +175,7 @@ def test_checks_that_need_the_data_exit_2_and_write_nothing(tmp_path):
     raised after the data is loaded but before the workdir is touched."""
     for override, message in (("--config.batch_size=5000", "batch_size=5000 exceeds the 1300 training images"),
                               ("--config.num_classes=7", "num_classes=7 but digits has 10 classes")):
-        result = run_train(["--config", "sd_jax/configs/quickstart.py", "--workdir", str(tmp_path / "r"), override])
+        result = run_train(["--config", "configs/quickstart.py", "--workdir", str(tmp_path / "r"), override])
         assert result.returncode == 2, result.stderr[-2000:]
         assert message in result.stderr and "Traceback" not in result.stderr
         assert not (tmp_path / "r").exists()
@@ -195,12 +200,12 @@ def test_a_start_that_failed_before_training_does_not_claim_the_workdir(tmp_path
 def test_unwritable_workdir_and_existing_run(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    result = run_train(["--config", "sd_jax/configs/quickstart.py", "--workdir", str(blocker / "run")])
+    result = run_train(["--config", "configs/quickstart.py", "--workdir", str(blocker / "run")])
     assert result.returncode == 2 and "not writable" in result.stderr
     done = tmp_path / "done"
     done.mkdir()
     (done / records.METRICS_FILE).write_text("{}\n")
-    result = run_train(["--config", "sd_jax/configs/quickstart.py", "--workdir", str(done)])
+    result = run_train(["--config", "configs/quickstart.py", "--workdir", str(done)])
     assert result.returncode == 2 and "no config.json" in result.stderr
     assert (done / records.METRICS_FILE).read_text() == "{}\n"
 
@@ -215,7 +220,7 @@ def torch_learning_rate(epoch: int, max_epochs: int = 500, fractions=(0.5, 0.75)
 @pytest.mark.parametrize("epoch", [1, 249, 250, 251, 374, 375, 500])
 def test_learning_rate_drops_where_the_authors_code_drops_it(epoch):
     steps = 352  # 45k CIFAR images in batches of 128, the last one partial
-    schedule = training.learning_rate_schedule(default_config(), steps_per_epoch=steps)
+    schedule = learning_rate_schedule(default_config(), steps_per_epoch=steps)
     first, last = (epoch - 1) * steps, epoch * steps - 1
     assert float(schedule(first)) == pytest.approx(torch_learning_rate(epoch))
     assert float(schedule(last)) == pytest.approx(torch_learning_rate(epoch))
@@ -224,32 +229,23 @@ def test_learning_rate_drops_where_the_authors_code_drops_it(epoch):
 def test_svhn_learning_rate_drops_at_epochs_30_and_35():
     config = default_config()
     config.update(num_epochs=50, lr_boundaries=(30, 35))
-    schedule = training.learning_rate_schedule(config, steps_per_epoch=7)
+    schedule = learning_rate_schedule(config, steps_per_epoch=7)
     for epoch in (29, 30, 34, 35):
         assert float(schedule((epoch - 1) * 7)) == pytest.approx(torch_learning_rate(epoch, 50, (0.6, 0.7)))
 
 
 def test_learning_rate_warmup_then_decays():
     config = tiny_config(lr_boundaries=(3, 5), lr_warmup_epochs=1, lr_warmup_value=0.01)
-    schedule = training.learning_rate_schedule(config, steps_per_epoch=10)
+    schedule = learning_rate_schedule(config, steps_per_epoch=10)
     expected = {0: 0.01, 9: 0.01, 10: 0.1, 19: 0.1, 20: 0.01, 39: 0.01, 40: 0.001}
     assert {step: pytest.approx(float(schedule(step))) for step in expected} == expected
 
 
 def test_bfloat16_training_runs_and_learns(tmp_path):
-    training.train_and_evaluate(tiny_config(dtype="bfloat16", num_epochs=2, lr_boundaries=(2,)), str(tmp_path))
+    train_and_evaluate(tiny_config(dtype="bfloat16", num_epochs=2, lr_boundaries=(2,)), str(tmp_path))
     lines = records.read_metrics(str(tmp_path))
     assert all(np.isfinite(l["train_loss"]) for l in lines)
     assert lines[-1]["train_loss"] < lines[0]["train_loss"]
-
-
-def test_old_public_names_still_import():
-    from sd_jax import records as old_records, schedules, survival
-    assert (training.Setup, training.Run, training.prepare_run) == (
-        training.TrainingPlan, training.Experiment, training.make_experiment)
-    assert (training.build_model, training.create_train_state) == (training.make_model, training.make_train_state)
-    assert old_records.RunDir is old_records.Workdir
-    assert schedules.survival_probabilities is survival.survival_probabilities
 
 
 def test_compilation_cache_is_written_where_configured_and_can_be_turned_off(tmp_path):

@@ -5,7 +5,7 @@
 # epochs with drops at the start of epochs 150 and 225 (the 300-epoch change to fb.resnet.torch that
 # Gao Huang's DenseNet README gives), after one epoch at lr 0.01 to warm up (He et al. 2016 for their
 # ResNet-1202). nn.scan over blocks keeps the compile time flat.
-#   python train.py --config sd_jax/configs/cifar10_resnet1202_sd.py --workdir runs/cifar10_resnet1202_sd
+#   python train.py --config configs/cifar10_resnet1202_sd.py --workdir runs/cifar10_resnet1202_sd
 from sd_jax.config import default_config
 
 

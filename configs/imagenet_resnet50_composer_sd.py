@@ -12,7 +12,7 @@
 # Reference: torchvision's ResNet-50 V1 weights reach 76.13% top-1 (a step schedule, 90 epochs).
 # Data: data_source "tfds" (the two official tars in <data_dir>/downloads/manual), "files" (an
 # ImageFolder in data_dir) or "synthetic" (docs/imagenet.md, "ImageNet data").
-#   python train.py --config sd_jax/configs/imagenet_resnet50_composer_sd.py --workdir runs/imagenet_resnet50_composer_sd
+#   python train.py --config configs/imagenet_resnet50_composer_sd.py --workdir runs/imagenet_resnet50_composer_sd
 from sd_jax.config import default_config
 
 

@@ -1,6 +1,6 @@
 # ResNet-20 with stochastic depth (p_L = 0.5, linear) on scikit-learn's 8x8 digits: no download,
 # about 50 s on a 2-core CPU (compile included).
-#   python train.py --config sd_jax/configs/quickstart.py --workdir runs/quickstart
+#   python train.py --config configs/quickstart.py --workdir runs/quickstart
 from sd_jax.config import default_config
 
 

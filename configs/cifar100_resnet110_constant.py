@@ -1,5 +1,5 @@
 # CIFAR-100+, ResNet-110 with constant depth (p_L = 1.0): the paper's baseline (Table 1: 27.22%).
-#   python train.py --config sd_jax/configs/cifar100_resnet110_constant.py --workdir runs/cifar100_resnet110_constant
+#   python train.py --config configs/cifar100_resnet110_constant.py --workdir runs/cifar100_resnet110_constant
 from sd_jax.config import default_config
 
 

@@ -18,7 +18,7 @@
 #     +-1/sqrt(2048) (a difference of at most 0.022 per logit at init).
 # Data: data_source "tfds" (the two official tars in <data_dir>/downloads/manual), "files" (an
 # ImageFolder in data_dir) or "synthetic" (docs/imagenet.md, "ImageNet data").
-#   python train.py --config sd_jax/configs/imagenet_resnet152_paper_sd.py --workdir runs/imagenet_resnet152_paper_sd
+#   python train.py --config configs/imagenet_resnet152_paper_sd.py --workdir runs/imagenet_resnet152_paper_sd
 from sd_jax.config import default_config
 
 

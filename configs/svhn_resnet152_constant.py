@@ -1,6 +1,6 @@
 # SVHN (train + extra, no augmentation), ResNet-152 with constant depth (paper Table 1: 1.80%).
 # The recipe of svhn_resnet152_sd.py (the authors' code: evaluation every 200 iterations).
-#   python train.py --config sd_jax/configs/svhn_resnet152_constant.py --workdir runs/svhn_resnet152_constant
+#   python train.py --config configs/svhn_resnet152_constant.py --workdir runs/svhn_resnet152_constant
 from sd_jax.config import default_config
 
 

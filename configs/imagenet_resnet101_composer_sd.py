@@ -4,12 +4,12 @@
 # not publish its baseline recipe; that file's comments give this one's sources).
 # Data: data_source "tfds" (the two official tars in <data_dir>/downloads/manual), "files" (an
 # ImageFolder in data_dir) or "synthetic" (docs/imagenet.md, "ImageNet data").
-#   python train.py --config sd_jax/configs/imagenet_resnet101_composer_sd.py --workdir runs/imagenet_resnet101_composer_sd
-from sd_jax.configs.imagenet_resnet50_composer_sd import get_config as resnet50_config
+#   python train.py --config configs/imagenet_resnet101_composer_sd.py --workdir runs/imagenet_resnet101_composer_sd
+from sd_jax.config import base_config
 
 
 def get_config():
-    config = resnet50_config()
+    config = base_config("imagenet_resnet50_composer_sd")
     config.depth = 101
     config.p_last = 0.6
     return config

@@ -1,0 +1,203 @@
+"""The run: check the config and the workdir, build the experiment, resume, compile, then train
+up to each evaluation, evaluate, record and log, and write the summary (`train_and_evaluate`)."""
+import logging
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from sd_jax import checkpoints, compiler, data, parallel, provenance, records
+from sd_jax.config import resolve_convention, resolve_platform_defaults, validate
+from sd_jax.models import count_params
+from sd_jax.training.experiment import Experiment, make_experiment
+from sd_jax.training.feeds import make_feed
+from sd_jax.training.plan import TrainState, learning_rate_schedule
+from sd_jax.training.steps import TRAIN_METRICS, eval_variables
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(FloatingPointError):
+    """The training loss stopped being finite; the message names the epoch and steps."""
+
+
+def evaluation_steps(total_steps: int, steps_per_epoch: int, eval_every_steps: int) -> list:
+    """The global step counts after which the run evaluates: every epoch's end, or every
+    `eval_every_steps` steps (the authors' SVHN accounting: every 200 iterations) and the last step."""
+    every = eval_every_steps or steps_per_epoch
+    steps = list(range(every, total_steps + 1, every))
+    return steps if steps and steps[-1] == total_steps else steps + [total_steps]
+
+
+def epoch_of(step: int, steps_per_epoch: int):
+    """Epochs done after `step` steps: an int at an epoch's end, else a fraction (4 decimals)."""
+    return step // steps_per_epoch if step % steps_per_epoch == 0 else round(step / steps_per_epoch, 4)
+
+
+class Trainer:
+    """The phases of a run after setup: train up to the next evaluation, evaluate, record, log."""
+
+    def __init__(self, experiment: Experiment, workdir: records.Workdir, ckpts: checkpoints.Checkpoints, feed):
+        self.experiment, self.config, self.plan = experiment, experiment.config, experiment.plan
+        self.workdir, self.ckpts, self.feed = workdir, ckpts, feed
+        self.schedule = learning_rate_schedule(self.config, self.plan.steps_per_epoch)
+
+    def train_until(self, state: TrainState, stop: int):
+        """Train from `state.step` up to global step `stop` in chunks of at most `steps_per_call`
+        steps that never cross an epoch's end; (state, summed train metrics)."""
+        spe, total = self.plan.steps_per_epoch, self.plan.total_steps
+        totals = dict.fromkeys(TRAIN_METRICS, 0.0)
+        step, last_log = int(state.step), time.perf_counter()
+        started = last_log
+        while step < stop:
+            epoch, first = step // spe + 1, step % spe
+            count = min(self.config.steps_per_call, stop - step, spe - first)
+            state, sums = self.feed.train(state, epoch, first, count)
+            sums = {k: float(v) for k, v in jax.device_get(sums).items()}
+            if not np.isfinite(sums["loss"]):
+                raise TrainingDiverged(
+                    f"training loss became {sums['loss']} in epoch {epoch}, steps {first + 1}-{first + count} "
+                    f"of {spe}; the checkpoints before it are kept. "
+                    "Lower learning_rate (and start over with --restart) or check the data")
+            totals = {k: totals[k] + sums[k] for k in totals}
+            step += count
+            if time.perf_counter() - last_log > 30 and step < stop:
+                last_log = time.perf_counter()
+                log.info("epoch %d: step %d/%d (%d/%d in all), loss %.4f, %.0f img/s", epoch,
+                         step - (epoch - 1) * spe, spe, step, total, totals["loss"] / totals["images"],
+                         totals["images"] / (last_log - started))
+        return state, totals
+
+    def evaluate(self, state: TrainState, totals: dict, lr: float, seconds: float) -> dict:
+        """One line of metrics.jsonl: training metrics since the previous line, then evaluation."""
+        step = int(state.step)
+        return {
+            "epoch": epoch_of(step, self.plan.steps_per_epoch),
+            "step": step,
+            "train_loss": totals["loss"] / totals["images"],
+            "train_error": 100.0 * totals["errors"] / totals["images"],
+            **self.feed.error_rates(eval_variables(state)),
+            "lr": lr,
+            "epoch_time_s": seconds,
+            "images_per_s": totals["images"] / seconds,
+            "mean_active_blocks": totals["active_blocks"] / totals["steps"],
+        }
+
+    def record(self, state: TrainState, line: dict, history: list) -> None:
+        """Append the line; checkpoint at the checkpoint cadence and whenever the line is the best."""
+        self.workdir.append_metrics(line)
+        history.append(line)
+        step, spe = line["step"], self.plan.steps_per_epoch
+        on_cadence = (self.config.eval_every_steps or step % (self.config.checkpoint_every_epochs * spe) == 0
+                      or step == self.plan.total_steps)
+        if on_cadence or records.best_line(history) is line:
+            self.ckpts.save(state, line)
+
+    def log_line(self, line: dict) -> None:
+        progress = (f"epoch {line['epoch']}/{self.config.num_epochs}" if not self.config.eval_every_steps else
+                    f"step {line['step']}/{self.plan.total_steps} (epoch {line['epoch']:.2f})")
+        top5 = (f" (top-5 {line['val_top5_error']:.2f}% / {line['test_top5_error']:.2f}%)"
+                if "val_top5_error" in line else "")
+        log.info("%s  loss %.4f  train %.2f%%  val %.2f%%  test %.2f%%%s  lr %.4g  %.1f s (%.0f img/s)  "
+                 "active blocks %.1f/%d", progress, line["train_loss"], line["train_error"], line["val_error"],
+                 line["test_error"], top5, line["lr"], line["epoch_time_s"], line["images_per_s"],
+                 line["mean_active_blocks"], self.plan.model.num_blocks)
+
+    def fit(self, state: TrainState, history: list) -> TrainState:
+        """Train from `state.step` to the end, evaluating, recording and logging at every evaluation step."""
+        try:
+            for stop in evaluation_steps(self.plan.total_steps, self.plan.steps_per_epoch,
+                                         self.config.eval_every_steps):
+                if stop <= int(state.step):
+                    continue
+                lr = float(f"{float(self.schedule(int(state.step))):.7g}")  # float32 -> the config's decimal
+                start = time.perf_counter()
+                state, totals = self.train_until(state, stop)
+                line = self.evaluate(state, totals, lr, time.perf_counter() - start)
+                self.record(state, line, history)
+                self.log_line(line)
+        finally:
+            self.ckpts.wait()
+            self.ckpts.close()
+        return state
+
+
+def warn_if_accelerator_idle() -> None:
+    """Say prominently, before any work, when the machine has a GPU or TPU that JAX does not use."""
+    idle = provenance.idle_accelerator()
+    if idle:
+        log.warning("\n%s\n!! This machine has %s, but JAX runs on the CPU (a CPU-only jaxlib): training would be "
+                    "very slow.\n!! Stop it (Ctrl-C) and run: %s\n%s", "!" * 72, idle[0], idle[1], "!" * 72)
+
+
+def log_start(experiment: Experiment, ran_on: dict) -> None:
+    """What is about to train, and on what (`ran_on`: `provenance.provenance()`)."""
+    config, plan, dataset = experiment.config, experiment.plan, experiment.dataset
+    log.info("%s: %d train / %d val / %d test images; ResNet-%d, %d parameters, %d blocks, %.2f expected "
+             "active; %d steps/epoch on %d x %s", dataset.name, len(dataset.train), len(dataset.val),
+             len(dataset.test), config.depth, count_params(experiment.state.params), plan.model.num_blocks,
+             float(plan.model.survival_probabilities().sum()),
+             plan.steps_per_epoch, plan.mesh.size, jax.devices()[0].device_kind)
+    log.info("on %s; %s; commit %s", provenance.hardware(ran_on),
+             ", ".join(f"{name} {version}" for name, version in ran_on["versions"].items()), ran_on["git_commit"])
+
+
+def resume(experiment: Experiment, workdir: records.Workdir, ckpts: checkpoints.Checkpoints):
+    """(state, metrics history) to continue from: the latest checkpoint's, or the initial state."""
+    state = experiment.state
+    restored = ckpts.restore(state)
+    if restored is not None:
+        state, meta = restored
+        log.info("resuming from the checkpoint of epoch %s (step %d)", meta["epoch"], int(state.step))
+    return state, workdir.truncate_metrics(int(state.step))
+
+
+def compile_steps(experiment: Experiment, state: TrainState):
+    """(the experiment's feed with its train step compiled for the run's shapes, seconds taken)."""
+    start = time.perf_counter()
+    feed = make_feed(experiment)
+    feed.compile(state)
+    seconds = time.perf_counter() - start
+    log.info("compiled the train step in %.1f s", seconds)
+    return feed, seconds
+
+
+def finish(experiment: Experiment, workdir: records.Workdir, history: list, compile_s: float,
+           wall_start: float, ran_on: dict) -> dict:
+    """Write and return summary.json: the paper's number (test error at best validation), costs and
+    what the run ran on."""
+    plan = experiment.plan
+    summary = records.summarize(history)
+    summary.update(num_params=count_params(experiment.state.params), compile_s=compile_s,
+                   provenance=ran_on,
+                   expected_active_blocks=float(plan.model.survival_probabilities().sum()),
+                   wall_time_s=time.perf_counter() - wall_start)
+    workdir.write_summary(summary)
+    log.info("test error at best validation (epoch %s): %.2f%%; final test error %.2f%%",
+             summary["best_val_epoch"], summary["test_error_at_best_val"], summary["final_test_error"])
+    return summary
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, restart: bool = False) -> dict:
+    """Train as `config` says, writing config.json, metrics.jsonl, summary.json and checkpoints to
+    `workdir`. A workdir holding an earlier run of the same config is resumed from its latest
+    checkpoint; `restart` deletes the earlier run instead. Nothing is written until the config,
+    the workdir and the data have passed every check."""
+    warn_if_accelerator_idle()
+    validate(config, data.DATASETS, jax.device_count())
+    resolve_convention(config)
+    resolve_platform_defaults(config, jax.devices()[0].platform)
+    compiler.use_compilation_cache(config.compilation_cache_dir)
+    run_files = records.Workdir(workdir, parallel.is_primary())
+    run_files.check(config, restart)
+    wall_start = time.perf_counter()
+    experiment = make_experiment(config)
+    run_files.start(config, restart)
+    ran_on = provenance.provenance()  # once: it asks git for the commit
+    log_start(experiment, ran_on)
+    ckpts = checkpoints.Checkpoints(workdir)
+    state, history = resume(experiment, run_files, ckpts)
+    feed, compile_s = compile_steps(experiment, state)
+    Trainer(experiment, run_files, ckpts, feed).fit(state, history)
+    return finish(experiment, run_files, history, compile_s, wall_start, ran_on)
