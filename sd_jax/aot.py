@@ -164,6 +164,25 @@ def xla_flops(lowered, compiled):
     return None
 
 
+OUT_OF_MEMORY = re.compile(r"RESOURCE_EXHAUSTED: .*?\(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)")
+
+
+def out_of_memory(error: Exception):
+    """The bytes a TPU compilation that ran out of HBM needed for temporaries (libtpu refuses to
+    compile a program that cannot fit), or None for any other error."""
+    match = OUT_OF_MEMORY.search(str(error))
+    return None if match is None else int(float(match.group(1)) * 2**30)
+
+
+def devices_needed(report: dict):
+    """The smallest device count offered for the target at which the per-device memory, assumed to
+    shrink with the per-device batch, would fit (an estimate: a starting point for --devices)."""
+    target = targets.target(report["target"])
+    counts = sorted(target.shapes) if target.platform == "tpu" else [2**k for k in range(10)]
+    scale = report["peak_memory"] * report["devices"] / report["usable_memory"]
+    return next((n for n in counts if n >= scale and report["batch_size"] % n == 0), None)
+
+
 def count_conditionals(hlo_text: str) -> int:
     """`conditional` instructions in an optimised HLO module's text."""
     return len(re.findall(r"\sconditional\(", hlo_text))
@@ -248,7 +267,15 @@ def analyse(config, target_name: str, num_devices: int, cuda_version: str, proje
         start = time.perf_counter()
         lowered = function.lower(*args)
         extra = dict(xla_options or {}, **({"xla_dump_to": dump_dir} if target.platform == "gpu" else {}))
-        compiled = lowered.compile(extra or None)
+        try:
+            compiled = lowered.compile(extra or None)
+        except Exception as error:  # noqa: BLE001 - XLA raises JaxRuntimeError; only running out of HBM is a result
+            needed = out_of_memory(error)
+            if needed is None:
+                raise
+            report["calls"][name] = {"compile_s": round(time.perf_counter() - start, 2), "memory": {"total": needed},
+                                     "out_of_memory": str(error).splitlines()[0]}
+            continue
         result = {"compile_s": round(time.perf_counter() - start, 2), "memory": memory(compiled),
                   "conditionals": count_conditionals(compiled.as_text())}
         if name == "train":  # XLA counts a loop body once: scanned blocks would be counted once per stage
@@ -260,6 +287,7 @@ def analyse(config, target_name: str, num_devices: int, cuda_version: str, proje
         report["calls"][name] = result
     report["peak_memory"] = max(call["memory"]["total"] for call in report["calls"].values())
     report["fits"] = report["peak_memory"] <= report["usable_memory"]
+    report["devices_needed"] = None if report["fits"] else devices_needed(report)
     return report
 
 
@@ -277,6 +305,9 @@ def format_report(report: dict) -> str:
     lines.append(f"  the project's compiler options: {report['compiler_options'] or 'none'}"
                  + (f"; added: {report['xla_options']}" if report["xla_options"] else ""))
     for name, call in report["calls"].items():
+        if "out_of_memory" in call:
+            lines.append(f"  {name}: the compiler refused it after {call['compile_s']:.1f} s: {call['out_of_memory']}")
+            continue
         m = call["memory"]
         lines.append(f"  {name}: compiled in {call['compile_s']:.1f} s; memory per device {gib(m['total'])} "
                      f"(arguments {gib(m['arguments'])}, outputs {gib(m['outputs'])}, aliased {gib(m['aliased'])}, "
@@ -300,8 +331,10 @@ def format_report(report: dict) -> str:
     if report["fits"]:
         lines.append(f"  fits: {gib(peak)} of {gib(usable)} usable{pool}, {gib(report['device_memory'])} on the chip")
     else:
+        more = (f"about {report['devices_needed']} devices (try --devices {report['devices_needed']})"
+                if report["devices_needed"] else "more devices")
         lines.append(f"  DOES NOT FIT: {gib(peak)} needed, {gib(usable)} usable{pool}: over by {gib(peak - usable)}; "
-                     f"lower batch_size, use dtype=bfloat16 or more devices (try --devices {report['devices'] * 2})")
+                     f"lower batch_size, use dtype=bfloat16 or {more}")
     return "\n".join(lines)
 
 

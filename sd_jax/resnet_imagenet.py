@@ -143,7 +143,7 @@ class ResNetImageNet(nn.Module):
             stride = 1 if s == 0 else 2
             projection = Projection(EXPANSION * width, stride, self.dtype, self.bn_axis_name, parent=None)
             x = Stage(branch(stride), projection, branch(1), identity, tuple(probs[start:start + blocks]), train,
-                      self.drop_mode, self.scan_blocks, nonnegative_input=True, name=f"layer{s + 1}")(x, drop_scale, mask)
+                      self.drop_mode, self.scan_blocks, name=f"layer{s + 1}")(x, drop_scale, mask)
             start += blocks
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         return classifier(self.num_classes, EXPANSION * STAGE_WIDTHS[-1], "torch")(x)

@@ -50,7 +50,6 @@ class StochasticDepth(nn.Module):
     shortcut: Union[Callable[[jax.Array], jax.Array], nn.Module] = identity
     drop_mode: str = "block"
     activation: Optional[Callable[[jax.Array], jax.Array]] = nn.relu
-    nonnegative_input: bool = False
 
     def setup(self):
         if self.drop_mode not in DROP_MODES:
@@ -66,12 +65,6 @@ class StochasticDepth(nn.Module):
 
     def _activate(self, out):
         return out if self.activation is None else self.activation(out)
-
-    def _closed(self, shortcut):
-        """What a closed gate returns: activation(shortcut(x)), the activation left out where it is the identity."""
-        if self.nonnegative_input and not isinstance(self.shortcut, nn.Module):
-            return shortcut
-        return self._activate(shortcut)
 
     def _residual(self, x, train: bool, mask):
         return self.f(x, train=train) if mask is None else self.f(x, train=train, mask=mask)
@@ -99,7 +92,7 @@ class StochasticDepth(nn.Module):
             gate,
             lambda module, x, shortcut, mask: module._activate(
                 shortcut + module._residual(x, True, mask).astype(shortcut.dtype)),
-            lambda module, x, shortcut, mask: module._closed(shortcut),
+            lambda module, x, shortcut, mask: module._activate(shortcut),
             self,
             x,
             shortcut,

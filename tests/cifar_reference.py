@@ -6,6 +6,7 @@ eval mode), stored once so that later changes to the shared layer can be checked
 Rewrite it only for a change that is meant to alter the CIFAR model's numbers.
 """
 import os
+import platform
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +37,17 @@ def compute() -> dict:
     return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+def cpu_features() -> str:
+    """The CPU's vector instruction sets: XLA:CPU picks its kernels (and so its rounding) by them,
+    so the same JAX on another CPU may differ in the last bits."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line for line in f if line.startswith("flags")).split(":", 1)[1].split()
+    except (OSError, StopIteration):
+        return platform.processor()
+    return " ".join(sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "sse", "f16c"))))
+
+
 def stored() -> dict:
     with np.load(PATH) as f:
         return dict(f)
@@ -45,5 +57,6 @@ if __name__ == "__main__":
     arrays = compute()
     arrays["jax_version"] = np.array(jax.__version__)
     arrays["backend"] = np.array(jax.default_backend())
+    arrays["cpu"] = np.array(cpu_features())
     np.savez_compressed(PATH, **arrays)
     print("stored", len(arrays), "arrays in", PATH)

@@ -148,4 +148,16 @@ def test_tpu_compiles_the_training_call_and_says_when_it_does_not_fit(monkeypatc
     assert train["xla_flops_per_step"] > 0 and train["memory"]["total"] > 2**20
     assert not report["fits"]
     text = aot.format_report(report)
-    assert "DOES NOT FIT" in text and "over by" in text and "--devices 8" in text
+    assert "DOES NOT FIT" in text and "over by" in text and "--devices" in text
+
+
+def test_a_tpu_program_that_cannot_fit_is_a_verdict_with_the_devices_it_needs():
+    """libtpu refuses to compile a program whose temporaries exceed the chip's memory: the report
+    takes the bytes it needed from the error and names a slice where the run would fit."""
+    error = RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+                         "temporaries (30.19G) exceeds available HBM (15.75G).")
+    assert aot.out_of_memory(error) == int(30.19 * 2**30)
+    assert aot.out_of_memory(RuntimeError("INTERNAL: something else")) is None
+    report = {"target": "v5e", "devices": 1, "batch_size": 1024, "peak_memory": int(30.19 * 2**30),
+              "usable_memory": targets.TARGETS["v5e"].memory}
+    assert aot.devices_needed(report) == 4  # 30.2 GiB over 16 GiB chips: 2 would do, v5e slices offer 1, 4, 8, ...

@@ -104,12 +104,15 @@ def test_bfloat16_compute_float32_params():
 
 def test_cifar_model_unchanged_against_the_stored_reference():
     """Outputs, BatchNorm updates, gates and gradients equal those stored before the layer learnt
-    projection shortcuts (tests/cifar_reference.py): bit for bit on the JAX version and backend that
-    stored them, to float tolerance elsewhere (another XLA may fuse differently)."""
+    projection shortcuts (tests/cifar_reference.py): bit for bit on the JAX version, backend and CPU
+    instruction sets that stored them, to float tolerance elsewhere (another XLA or CPU may fuse or
+    vectorise differently: the same jaxlib on the CPU this was first stored on and on the next one
+    differed in the last bits)."""
     from tests import cifar_reference
     reference = cifar_reference.stored()
     same_build = (str(reference.pop("jax_version")) == jax.__version__
-                  and str(reference.pop("backend")) == jax.default_backend())
+                  and str(reference.pop("backend")) == jax.default_backend()
+                  and str(reference.pop("cpu", "")) == cifar_reference.cpu_features())
     now = cifar_reference.compute()
     assert set(now) == set(reference)
     for name, value in reference.items():

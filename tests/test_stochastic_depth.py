@@ -70,33 +70,6 @@ def test_a_block_that_always_survives_has_no_conditional():
     assert conditionals(1.0) == 0
 
 
-def test_closed_gate_on_a_relu_output_skips_the_activation_without_changing_values_or_gradients():
-    """With `nonnegative_input` the closed gate returns shortcut(x) instead of relu(shortcut(x)):
-    x = relu(z) is never negative, so the output is the same, and the gradient that relu would
-    zero where x == 0 is zeroed by the relu that made x: d/dz agrees exactly."""
-    z = X.at[:, :2].set(0.0)  # exact zeros too, where relu's derivative is 0
-    weights = jax.random.normal(jax.random.key(7), (8, 4, 4, 8))
-
-    def loss_and_output(layer):
-        variables = init(layer)
-
-        def loss(z):
-            out, _ = layer.apply(variables, jax.nn.relu(z), 0.0, train=True, rngs={"drop": jax.random.key(2)},
-                                 mutable=["batch_stats", "gates"])
-            return jnp.sum(out * weights), out
-
-        (_, out), grad = jax.value_and_grad(loss, has_aux=True)(z)
-        return out, grad
-
-    branch = BasicBranch(8, 2, parent=None)
-    shortcut = lambda x: option_a_shortcut(x, 8, 2)  # noqa: E731
-    plain = loss_and_output(StochasticDepth(branch, shortcut))
-    skipping = loss_and_output(StochasticDepth(branch, shortcut, nonnegative_input=True))
-    for a, b in zip(plain, skipping):
-        np.testing.assert_array_equal(a, b)
-    assert float(jnp.sum(plain[1] != 0)) > 0  # the gradient is not trivially zero
-
-
 def test_dropped_branch_gets_zero_gradient():
     layer, _, _ = make_layer()
     variables = init(layer)

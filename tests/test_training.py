@@ -126,7 +126,9 @@ def test_quickstart_writes_its_files_and_reaches_target(tmp_path):
     assert summary["num_params"] == 269_434  # ResNet-20 on 1-channel images: 27*16 - 9*16 fewer weights
     assert summary["expected_active_blocks"] == pytest.approx(6.5)
     assert summary["train_time_s"] == pytest.approx(sum(l["epoch_time_s"] for l in lines))
-    assert summary["test_error_at_best_val"] < 3.0  # the authors' conventions (the default) learn digits
+    # It learns: chance is 90% error; seeds 0-4 gave 2.02-3.37% (docs/fidelity.md), and CPUs with other
+    # vector instructions round differently and end up elsewhere in that range (3.03% on 2026-12-02).
+    assert summary["test_error_at_best_val"] < 5.0
     assert "epoch 30/30" in result.stderr
     ran_on = summary["provenance"]  # what it ran on, checked against this process's own view
     assert (ran_on["backend"], ran_on["device_count"], ran_on["process_count"]) == (jax.default_backend(), 1, 1)
