@@ -16,13 +16,10 @@ runs in a child process, so a compiler crash is reported, not fatal. Exit codes:
 input or a missing compiler; 3 the compiler failed or crashed.
 """
 import argparse
-import collections
 import contextlib
 import dataclasses
-import glob
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -30,18 +27,12 @@ import tempfile
 import time
 
 from sd_jax import cli, targets
+from sd_jax.compiled import count_conditionals, gpu_thunks, memory, out_of_memory, xla_flops
 from sd_jax.training.plan import make_plan, make_train_state, run_keys
-from sd_jax.training.steps import (
-    HOST_BATCH_SPEC,
-    eval_variables,
-    make_batch_errors,
-    make_count_errors,
-    make_host_train_steps,
-    make_train_steps,
-)
+from sd_jax.training.steps import (HOST_BATCH_SPEC, eval_variables, make_batch_errors, make_count_errors,
+                                   make_host_train_steps, make_train_steps)
 
 WORKER_FLAG = "--worker-output"
-HOST_SYNCED = ("kConditional", "kWhile")  # thunks that wait for the host unless inside a kCommandBuffer
 GPU_MEMORY_POOL = 0.75  # JAX preallocates 75% of a GPU's memory (XLA_PYTHON_CLIENT_MEM_FRACTION)
 
 
@@ -135,89 +126,14 @@ def training_calls(config, devices, shapes: DataShapes):
     ]
 
 
-def memory(compiled) -> dict:
-    """Bytes per device of a compiled call: arguments, outputs, temporaries, and their total (donated
-    arguments that become outputs counted once)."""
-    stats = compiled.memory_analysis()
-    sizes = {"arguments": stats.argument_size_in_bytes, "outputs": stats.output_size_in_bytes,
-             "aliased": stats.alias_size_in_bytes, "temporaries": stats.temp_size_in_bytes,
-             "code": stats.generated_code_size_in_bytes}
-    sizes["total"] = sizes["arguments"] + sizes["outputs"] - sizes["aliased"] + sizes["temporaries"] + sizes["code"]
-    return sizes
-
-
-def xla_flops(lowered, compiled):
-    """XLA's FLOP count of one device's program, each loop body counted once (the step loop's: one
-    training step) and each conditional at its costlier branch: the target compiler's analysis
-    where it has one (TPU), else XLA:CPU's analysis of the same unoptimised program."""
-    import jax
-    from jax._src.lib import _jax
-
-    with contextlib.suppress(Exception):
-        analysis = compiled.cost_analysis()
-        analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
-        if analysis and analysis.get("flops"):
-            return float(analysis["flops"])
-    with contextlib.suppress(Exception):
-        module = lowered.compiler_ir("hlo").as_hlo_module()
-        return float(_jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module)["flops"])
-    return None
-
-
-OUT_OF_MEMORY = re.compile(r"RESOURCE_EXHAUSTED: .*?\(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)")
-
-
-def out_of_memory(error: Exception):
-    """The bytes a TPU compilation that ran out of HBM needed for temporaries (libtpu refuses to
-    compile a program that cannot fit), or None for any other error."""
-    match = OUT_OF_MEMORY.search(str(error))
-    return None if match is None else int(float(match.group(1)) * 2**30)
-
-
 def devices_needed(report: dict):
-    """The smallest device count offered for the target at which the per-device memory, assumed to
-    shrink with the per-device batch, would fit (an estimate: a starting point for --devices)."""
+    """A lower bound on the devices the run needs: the smallest count offered for the target that
+    divides the batch and holds the whole program's memory spread evenly (per-device memory never
+    shrinks faster than that: parameters and optimiser state are replicated). Compile there to know."""
     target = targets.target(report["target"])
     counts = sorted(target.shapes) if target.platform == "tpu" else [2**k for k in range(10)]
     scale = report["peak_memory"] * report["devices"] / report["usable_memory"]
     return next((n for n in counts if n >= scale and report["batch_size"] % n == 0), None)
-
-
-def count_conditionals(hlo_text: str) -> int:
-    """`conditional` instructions in an optimised HLO module's text."""
-    return len(re.findall(r"\sconditional\(", hlo_text))
-
-
-THUNK_LINE = re.compile(r"^(\s*)\d+: (k\w+)")
-
-
-def thunk_counts(sequence: str):
-    """({thunk kind: count}, host round trips) of an XLA:GPU thunk sequence dump: every kind,
-    nested ones included, and the conditionals and loops that are not inside a command buffer."""
-    kinds, host_synced, stack = collections.Counter(), 0, []
-    for line in sequence.splitlines():
-        match = THUNK_LINE.match(line)
-        if not match:
-            continue
-        indent, kind = len(match.group(1)), match.group(2)
-        while stack and stack[-1][0] >= indent:
-            stack.pop()
-        kinds[kind] += 1
-        if kind in HOST_SYNCED and not any(k == "kCommandBuffer" for _, k in stack):
-            host_synced += 1
-        stack.append((indent, kind))
-    return dict(kinds), host_synced
-
-
-def gpu_thunks(dump_dir: str):
-    """Thunk counts of the compiled module dumped in `dump_dir` (after XLA's thunk passes, which
-    make the command buffers, when it wrote that file)."""
-    for pattern in ("*thunk_sequence_after_thunk_passes.txt", "*thunk_sequence.txt"):
-        files = sorted(glob.glob(os.path.join(dump_dir, pattern)), key=os.path.getsize)
-        if files:
-            with open(files[-1]) as f:
-                return thunk_counts(f.read())
-    return None
 
 
 def estimated_flops(plan, shapes: DataShapes, batch_per_device: int) -> dict:
@@ -262,33 +178,39 @@ def analyse(config, target_name: str, num_devices: int, cuda_version: str, proje
                   "calls": {}}
     if target.platform == "gpu":
         report["cuda_version"] = cuda_version
-    for name, function, args in calls:
-        dump_dir = os.path.join(dump_to, name) if dump_to else tempfile.mkdtemp(prefix=f"sd_jax_aot_{name}_")
-        start = time.perf_counter()
-        lowered = function.lower(*args)
-        extra = dict(xla_options or {}, **({"xla_dump_to": dump_dir} if target.platform == "gpu" else {}))
-        try:
-            compiled = lowered.compile(extra or None)
-        except Exception as error:  # noqa: BLE001 - XLA raises JaxRuntimeError; only running out of HBM is a result
-            needed = out_of_memory(error)
-            if needed is None:
-                raise
-            report["calls"][name] = {"compile_s": round(time.perf_counter() - start, 2), "memory": {"total": needed},
-                                     "out_of_memory": str(error).splitlines()[0]}
-            continue
-        result = {"compile_s": round(time.perf_counter() - start, 2), "memory": memory(compiled),
-                  "conditionals": count_conditionals(compiled.as_text())}
-        if name == "train":  # XLA counts a loop body once: scanned blocks would be counted once per stage
-            result["xla_flops_per_step"] = None if config.scan_blocks else xla_flops(lowered, compiled)
-            result["estimated_flops_per_step"] = estimated_flops(plan, shapes, config.batch_size // num_devices)
-        if target.platform == "gpu":  # the training call's loop runs once per step, evaluation's once per batch
-            per = "per_step" if name == "train" else "per_batch"
-            result["thunks"], result[f"host_round_trips_{per}"] = gpu_thunks(dump_dir) or (None, None)
-        report["calls"][name] = result
+    with contextlib.ExitStack() as stack:
+        dump_root = dump_to or stack.enter_context(tempfile.TemporaryDirectory(prefix="sd_jax_aot_"))
+        for name, function, args in calls:
+            report["calls"][name] = compile_call(name, function, args, os.path.join(dump_root, name), target,
+                                                 config, plan, shapes, num_devices, xla_options)
     report["peak_memory"] = max(call["memory"]["total"] for call in report["calls"].values())
     report["fits"] = report["peak_memory"] <= report["usable_memory"]
     report["devices_needed"] = None if report["fits"] else devices_needed(report)
     return report
+
+
+def compile_call(name, function, args, dump_dir, target, config, plan, shapes, num_devices, xla_options) -> dict:
+    """Lower and compile one call for the target; what the report says of it (see `analyse`)."""
+    start = time.perf_counter()
+    lowered = function.lower(*args)
+    extra = dict(xla_options or {}, **({"xla_dump_to": dump_dir} if target.platform == "gpu" else {}))
+    try:
+        compiled = lowered.compile(extra or None)
+    except Exception as error:  # noqa: BLE001 - XLA raises JaxRuntimeError; only running out of HBM is a result
+        needed = out_of_memory(error)
+        if needed is None:
+            raise
+        return {"compile_s": round(time.perf_counter() - start, 2), "memory": {"total": needed},
+                "out_of_memory": str(error).splitlines()[0]}
+    result = {"compile_s": round(time.perf_counter() - start, 2), "memory": memory(compiled),
+              "conditionals": count_conditionals(compiled.as_text())}
+    if name == "train":  # XLA counts a loop body once: scanned blocks would be counted once per stage
+        result["xla_flops_per_step"] = None if config.scan_blocks else xla_flops(lowered, compiled)
+        result["estimated_flops_per_step"] = estimated_flops(plan, shapes, config.batch_size // num_devices)
+    if target.platform == "gpu":  # the training call's loop runs once per step, evaluation's once per batch
+        per = "per_step" if name == "train" else "per_batch"
+        result["thunks"], result[f"host_round_trips_{per}"] = gpu_thunks(dump_dir) or (None, None)
+    return result
 
 
 def gib(n) -> str:
@@ -324,15 +246,16 @@ def format_report(report: dict) -> str:
         if call.get("thunks"):
             kinds = ", ".join(f"{k} {v}" for k, v in sorted(call["thunks"].items(), key=lambda kv: -kv[1]))
             lines.append(f"    thunks: {kinds}")
-            per = "step" if "host_round_trips_per_step" in call else "evaluated batch"
-            lines.append(f"    host round trips per {per}: {call['host_round_trips_per_' + per.split()[-1]]}")
+            key = next(k for k in call if k.startswith("host_round_trips_per_"))
+            unit = "step" if key.endswith("step") else "evaluated batch"
+            lines.append(f"    host round trips per {unit}: {call[key]}")
     peak, usable = report["peak_memory"], report["usable_memory"]
     pool = " (JAX's default pool: 75% of the GPU)" if report["platform"] == "gpu" else ""
     if report["fits"]:
         lines.append(f"  fits: {gib(peak)} of {gib(usable)} usable{pool}, {gib(report['device_memory'])} on the chip")
     else:
-        more = (f"about {report['devices_needed']} devices (try --devices {report['devices_needed']})"
-                if report["devices_needed"] else "more devices")
+        more = (f"at least {report['devices_needed']} devices (compile with --devices {report['devices_needed']} "
+                "or more to know)" if report["devices_needed"] else "more devices")
         lines.append(f"  DOES NOT FIT: {gib(peak)} needed, {gib(usable)} usable{pool}: over by {gib(peak - usable)}; "
                      f"lower batch_size, use dtype=bfloat16 or {more}")
     return "\n".join(lines)

@@ -21,10 +21,13 @@ log = logging.getLogger(__name__)
 # thunk that copies its predicate to the host and waits for the stream, unless it sits inside a
 # command buffer (a CUDA graph, where CUDA >= 12.3 evaluates it on the device). With CONDITIONAL,
 # WHILE and CONVOLUTION among the command-buffer types, the whole multi-step training call compiles
-# to one command buffer: no host round trip per step (docs/performance.md, "GPU without the GPU").
+# to one command buffer: no host round trip per step; COLLECTIVES and DYNAMIC_SLICE_FUSION keep it
+# so on several GPUs, where synchronised BatchNorm puts an all-reduce inside every gate
+# (docs/performance.md, "GPU and TPU without the device").
 # XLA drops CONDITIONAL and WHILE by itself when the CUDA driver or runtime is older than 12.3; the
 # conditionals then run as host-synchronised thunks again (correct, slower).
-GPU_COMMAND_BUFFER_TYPES = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE,CONVOLUTION"
+GPU_COMMAND_BUFFER_TYPES = ("FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE,CONVOLUTION,"
+                            "DYNAMIC_SLICE_FUSION,COLLECTIVES")
 BACKEND_OPTIONS = {
     "cpu": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"},
     "gpu": {"xla_gpu_enable_command_buffer": GPU_COMMAND_BUFFER_TYPES},

@@ -121,7 +121,7 @@ class Stage(nn.Module):
     Branches are unbound Linen modules (`parent=None`), adopted by each block; shortcuts are
     functions or modules (see `StochasticDepth`). With `scan_blocks`, blocks 2..n run under
     `nn.scan` with their survival probabilities as the scanned input, so compile time does not grow
-    with depth.
+    with depth. `gate_certain_blocks`: see `StochasticDepth`.
     """
 
     first_branch: nn.Module
@@ -132,15 +132,18 @@ class Stage(nn.Module):
     train: bool
     drop_mode: str = "block"
     scan_blocks: bool = False
+    gate_certain_blocks: bool = False
 
     @nn.compact
     def __call__(self, x, drop_scale, mask=None):
-        first = StochasticDepth(self.first_branch, self.first_shortcut, self.drop_mode, name="block0")
+        first = StochasticDepth(self.first_branch, self.first_shortcut, self.drop_mode,
+                                gate_certain_blocks=self.gate_certain_blocks, name="block0")
         x = first(x, self.survival_probs[0], train=self.train, drop_scale=drop_scale, mask=mask)
         rest = self.survival_probs[1:]
         if not self.scan_blocks:
             for i, p in enumerate(rest, start=1):
-                block = StochasticDepth(self.branch, self.shortcut, self.drop_mode, name=f"block{i}")
+                block = StochasticDepth(self.branch, self.shortcut, self.drop_mode,
+                                        gate_certain_blocks=self.gate_certain_blocks, name=f"block{i}")
                 x = block(x, p, train=self.train, drop_scale=drop_scale, mask=mask)
             return x
         if not rest:
@@ -151,7 +154,8 @@ class Stage(nn.Module):
             split_rngs={"params": True, "drop": True},
             in_axes=(0, nn.broadcast, nn.broadcast),
             length=len(rest),
-        )(self.branch, self.shortcut, self.drop_mode, train=self.train, always_on=min(rest) >= 1.0, name="blocks")
+        )(self.branch, self.shortcut, self.drop_mode, gate_certain_blocks=self.gate_certain_blocks, train=self.train,
+          always_on=min(rest) >= 1.0, name="blocks")
         x, _ = blocks(x, jnp.asarray(rest, jnp.float32), drop_scale, mask)
         return x
 
@@ -182,6 +186,7 @@ class ResNetCIFAR(nn.Module):
     conv_init_fan: str = "fan_in"
     classifier_init: str = "torch"
     shortcut_downsample: str = "subsample"
+    gate_certain_blocks: bool = False  # see StochasticDepth; make_model sets it on the CPU
 
     @property
     def num_blocks(self) -> int:
@@ -220,7 +225,8 @@ class ResNetCIFAR(nn.Module):
                                                         downsample=self.shortcut_downsample)
             stride = 1 if s == 0 else 2
             x = Stage(branch(stride), shortcut(stride), branch(1), shortcut(1), tuple(probs[s * n:(s + 1) * n]),
-                      train, self.drop_mode, self.scan_blocks, name=f"stage{s + 1}")(x, drop_scale, mask)
+                      train, self.drop_mode, self.scan_blocks, self.gate_certain_blocks,
+                      name=f"stage{s + 1}")(x, drop_scale, mask)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         return classifier(self.num_classes, STAGE_FEATURES[-1], self.classifier_init)(x)
 

@@ -101,6 +101,7 @@ class ResNetImageNet(nn.Module):
     bn_axis_name: Optional[str] = None
     drop_downsample_blocks: bool = True
     zero_init_last_bn: bool = False
+    gate_certain_blocks: bool = False  # see StochasticDepth; make_model sets it on the CPU
 
     @property
     def num_blocks(self) -> int:
@@ -143,7 +144,8 @@ class ResNetImageNet(nn.Module):
             stride = 1 if s == 0 else 2
             projection = Projection(EXPANSION * width, stride, self.dtype, self.bn_axis_name, parent=None)
             x = Stage(branch(stride), projection, branch(1), identity, tuple(probs[start:start + blocks]), train,
-                      self.drop_mode, self.scan_blocks, name=f"layer{s + 1}")(x, drop_scale, mask)
+                      self.drop_mode, self.scan_blocks, self.gate_certain_blocks,
+                      name=f"layer{s + 1}")(x, drop_scale, mask)
             start += blocks
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         return classifier(self.num_classes, EXPANSION * STAGE_WIDTHS[-1], "torch")(x)

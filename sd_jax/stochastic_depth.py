@@ -38,8 +38,10 @@ class StochasticDepth(nn.Module):
         skip compute. Evaluation: activation(shortcut(x) + f(x)).
     `drop_scale` in [0, 1] scales the drop rate during training (1 - p) for drop-rate warm-up;
     evaluation always uses the target p. A block whose `survival_prob` is the Python number 1 (the
-    constant-depth baseline, ImageNet's undroppable projection blocks) has no gate: it is a plain
-    residual block on every backend, with no conditional in the compiled program.
+    constant-depth baseline, ImageNet's undroppable projection blocks) has no gate: a plain residual
+    block, no conditional in the compiled program, unless `gate_certain_blocks` keeps an always-open
+    one (XLA:CPU runs the branch's convolutions about twice as fast inside a conditional as at the
+    top of the training loop: docs/performance.md; the models set it on the CPU only).
     Training records the fraction of the batch for which the
     branch ran in the "gates" collection (make it mutable to read it). `mask` (N,), when given, is
     passed on as `branch(x, train=..., mask=mask)` (and so to a module shortcut): the real examples
@@ -50,6 +52,7 @@ class StochasticDepth(nn.Module):
     shortcut: Union[Callable[[jax.Array], jax.Array], nn.Module] = identity
     drop_mode: str = "block"
     activation: Optional[Callable[[jax.Array], jax.Array]] = nn.relu
+    gate_certain_blocks: bool = False
 
     def setup(self):
         if self.drop_mode not in DROP_MODES:
@@ -74,7 +77,7 @@ class StochasticDepth(nn.Module):
         if not train:
             scale = survival_prob if self.drop_mode == "block" else 1.0
             return self._activate(shortcut + (scale * self.f(x, train=False)).astype(shortcut.dtype))
-        if self.is_initializing() or always_survives(survival_prob):
+        if self.is_initializing() or (always_survives(survival_prob) and not self.gate_certain_blocks):
             if not self.is_initializing():
                 self.sow("gates", "active", jnp.float32(1.0))
             return self._activate(shortcut + self._residual(x, True, mask).astype(shortcut.dtype))

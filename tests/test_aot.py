@@ -10,7 +10,7 @@ import textwrap
 import jax
 import pytest
 
-from sd_jax import aot, targets
+from sd_jax import aot, compiled, targets
 from sd_jax.config import load_config
 
 GPU_COMPILER = any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (12, 13)) \
@@ -40,7 +40,7 @@ condition:
 
 
 def test_thunk_counts_read_the_nesting_of_command_buffers():
-    kinds, host_round_trips = aot.thunk_counts(SEQUENCE)
+    kinds, host_round_trips = compiled.thunk_counts(SEQUENCE)
     assert kinds == {"kCopy": 3, "kWhile": 1, "kCustomKernel": 1, "kConditional": 2, "kConvolution": 1,
                      "kCommandBuffer": 1}
     assert host_round_trips == 2  # the loop and its conditional; the one inside the command buffer runs on the device
@@ -127,6 +127,24 @@ def test_gpu_conditionals_and_the_step_loop_run_inside_one_command_buffer():
 
 
 @NEEDS_GPU_COMPILER
+def test_constant_depth_compiles_without_a_conditional_for_a_gpu():
+    report = aot.analyse(small_config(p_last=1.0), "h100", 1, targets.CUDA_VERSION, project_options=True)
+    train = report["calls"]["train"]
+    assert train["conditionals"] == 0 and "kConditional" not in train["thunks"]
+    assert train["host_round_trips_per_step"] == 0
+
+
+@NEEDS_GPU_COMPILER
+def test_on_several_gpus_the_gates_stay_in_the_graph_with_their_all_reduces():
+    """Two H100s: synchronised BatchNorm puts an all-reduce inside every gate; with COLLECTIVES
+    among the command-buffer types the gates still run on the device."""
+    report = aot.analyse(small_config(p_last=0.5), "h100", 2, targets.CUDA_VERSION, project_options=True)
+    train = report["calls"]["train"]
+    assert train["thunks"].get("kAllReduce", 0) > 0 and train["conditionals"] == 6
+    assert train["host_round_trips_per_step"] == 0
+
+
+@NEEDS_GPU_COMPILER
 def test_gpu_described_with_an_old_cuda_keeps_conditionals_on_the_host():
     """XLA drops the CONDITIONAL and WHILE command-buffer types below CUDA 12.3 (what a user with
     an old driver gets): the gates wait for the host again."""
@@ -153,11 +171,11 @@ def test_tpu_compiles_the_training_call_and_says_when_it_does_not_fit(monkeypatc
 
 def test_a_tpu_program_that_cannot_fit_is_a_verdict_with_the_devices_it_needs():
     """libtpu refuses to compile a program whose temporaries exceed the chip's memory: the report
-    takes the bytes it needed from the error and names a slice where the run would fit."""
+    takes the bytes it needed from the error and names the smallest slice that could hold it."""
     error = RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
                          "temporaries (30.19G) exceeds available HBM (15.75G).")
-    assert aot.out_of_memory(error) == int(30.19 * 2**30)
-    assert aot.out_of_memory(RuntimeError("INTERNAL: something else")) is None
+    assert compiled.out_of_memory(error) == int(30.19 * 2**30)
+    assert compiled.out_of_memory(RuntimeError("INTERNAL: something else")) is None
     report = {"target": "v5e", "devices": 1, "batch_size": 1024, "peak_memory": int(30.19 * 2**30),
               "usable_memory": targets.TARGETS["v5e"].memory}
-    assert aot.devices_needed(report) == 4  # 30.2 GiB over 16 GiB chips: 2 would do, v5e slices offer 1, 4, 8, ...
+    assert aot.devices_needed(report) == 4  # 30.2 GiB over 16 GiB chips needs at least 2; v5e slices: 1, 4, 8, ...

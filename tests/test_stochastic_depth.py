@@ -68,6 +68,8 @@ def test_a_block_that_always_survives_has_no_conditional():
 
     assert conditionals(jnp.float32(1.0)) == 1 and conditionals(0.5) == 1
     assert conditionals(1.0) == 0
+    layer = layer.clone(gate_certain_blocks=True)  # the CPU's choice: an always-open gate
+    assert conditionals(1.0) == 1
 
 
 def test_dropped_branch_gets_zero_gradient():

@@ -10,13 +10,8 @@ from sd_jax import parallel
 from sd_jax.config import HOST_FED_DATASETS
 from sd_jax.training.experiment import Experiment
 from sd_jax.training.plan import TrainingPlan, TrainState
-from sd_jax.training.steps import (
-    HOST_BATCH_SPEC,
-    make_batch_errors,
-    make_count_errors,
-    make_host_train_steps,
-    make_train_steps,
-)
+from sd_jax.training.steps import (HOST_BATCH_SPEC, make_batch_errors, make_count_errors, make_host_train_steps,
+                                   make_train_steps)
 
 
 def epoch_permutation(keys, epoch: int, plan: TrainingPlan, batch_size: int):

@@ -53,9 +53,11 @@ def make_model(config, num_classes: int, mesh: Optional[Mesh] = None) -> nn.Modu
     resolve_convention(config)
     resolve_platform_defaults(config, mesh.devices.flat[0].platform)
     synchronised = synchronised_batch_norm(config) and mesh.size > 1
+    platform = mesh.devices.flat[0].platform
     common = dict(depth=config.depth, num_classes=num_classes, p_last=config.p_last,
                   survival_mode=config.survival_mode, drop_mode=config.drop_mode, dtype=jnp.dtype(config.dtype),
-                  scan_blocks=config.scan_blocks, bn_axis_name=parallel.AXIS if synchronised else None)
+                  scan_blocks=config.scan_blocks, bn_axis_name=parallel.AXIS if synchronised else None,
+                  gate_certain_blocks=platform == "cpu")
     if config.model == "resnet_imagenet":
         return ResNetImageNet(**common, drop_downsample_blocks=config.drop_downsample_blocks,
                               zero_init_last_bn=config.zero_init_last_bn)
