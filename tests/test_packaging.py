@@ -17,5 +17,5 @@ def test_wheel_ships_the_configs_and_the_reference_results(tmp_path):
     assert wheel.name.startswith(f"sd_jax-{sd_jax.__version__}-")  # pyproject reads the package's version
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "sd_jax/reference_results.json" in names
-    assert {f"configs/{name}.py" for name in config_names()} <= names
+    assert {f"sd_jax/configs/{name}.py" for name in config_names()} <= names  # configs/ installed as sd_jax.configs
     assert "quickstart" in config_names() and len(config_names()) == 14
