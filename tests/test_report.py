@@ -4,10 +4,11 @@ import re
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from sd_jax import records, report
-from sd_jax.config import load_config, resolve_convention
+from sd_jax.config import load_config, resolve_convention, resolve_platform_defaults
 from sd_jax.models import ResNetCIFAR
 from sd_jax.training.loop import train_and_evaluate
 from tests import notebooks
@@ -129,7 +130,8 @@ def test_quickstart_notebook_runs_the_config_file(tmp_path):
     assert ns["summary"]["epochs_completed"] == 2
     assert (tmp_path / "report" / "figure3.png").exists()
     # What ran is configs/quickstart.py with only the overrides changed (no copy to drift).
-    expected = resolve_convention(load_config(os.path.join(ROOT, "sd_jax", "configs", "quickstart.py")))
+    expected = resolve_platform_defaults(resolve_convention(load_config(os.path.join(ROOT, "configs", "quickstart.py"))),
+                                         jax.devices()[0].platform)
     expected.update(depth=8, num_epochs=2)
     assert records.read_json(str(tmp_path / "run"), records.CONFIG_FILE) == json.loads(expected.to_json_best_effort())
 
@@ -143,7 +145,7 @@ def test_reproduce_paper_notebook_runs(tmp_path):
     assert "5.25" not in ns["table"]  # no paper row for ResNet-8 on synthetic data
     assert (tmp_path / "report" / "training_time.png").exists()
     for workdir, name in (("c", "cifar10_resnet110_constant"), ("s", "cifar10_resnet110_sd")):
-        expected = resolve_convention(load_config(name))
+        expected = resolve_platform_defaults(resolve_convention(load_config(name)), jax.devices()[0].platform)
         expected.update(dataset="synthetic", depth=8, num_epochs=2, lr_boundaries=(2,))
         assert records.read_json(str(tmp_path / workdir), records.CONFIG_FILE) == json.loads(expected.to_json_best_effort())
 
