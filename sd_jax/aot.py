@@ -154,14 +154,12 @@ def analyse(config, target_name: str, num_devices: int, cuda_version: str, proje
 
     from sd_jax import compiler, data
     from sd_jax.config import resolve_convention, resolve_platform_defaults, validate
-    from sd_jax.conv import resolve_conv_grads
 
     target = targets.target(target_name)
     devices = target.devices(num_devices, cuda_version) if target.platform == "gpu" else target.devices(num_devices)
     validate(config, data.DATASETS, num_devices)
     resolve_convention(config)
     resolve_platform_defaults(config, target.platform)
-    config.conv_grads = resolve_conv_grads(config.conv_grads, target.platform)
     shapes = data_shapes(config)
     options = contextlib.nullcontext() if project_options else compiler.without_options()
     with options:

@@ -51,6 +51,7 @@ def main(arg_parser: argparse.ArgumentParser, run, argv=None, extra_exit_codes=(
     """Parse `argv` (default: the command line), load the config if the parser takes one, and
     return run(args); a known failure (EXIT_CODES, and the tool's own `extra_exit_codes`) becomes
     one "error: ..." line on stderr and its exit code."""
+    codes = EXIT_CODES + tuple(extra_exit_codes)
     args, extra = arg_parser.parse_known_args(argv)
     takes_config = "config" in vars(args)
     stray = [a for a in extra if not (takes_config and a.startswith(CONFIG_OVERRIDE))]
@@ -60,6 +61,6 @@ def main(arg_parser: argparse.ArgumentParser, run, argv=None, extra_exit_codes=(
         if takes_config:
             args.config = load_config(args.config, extra)
         return run(args)
-    except tuple(kind for kind, _ in EXIT_CODES + tuple(extra_exit_codes)) as e:
+    except tuple(kind for kind, _ in codes) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(next(code for kind, code in EXIT_CODES + tuple(extra_exit_codes) if isinstance(e, kind)))
+        sys.exit(next(code for kind, code in codes if isinstance(e, kind)))

@@ -13,6 +13,7 @@ from jax.sharding import Mesh
 
 from sd_jax import parallel
 from sd_jax.config import ConfigError, resolve_convention, resolve_platform_defaults
+from sd_jax.conv import resolve_conv_grads
 from sd_jax.models import ResNetCIFAR
 from sd_jax.resnet_imagenet import ResNetImageNet
 
@@ -51,9 +52,9 @@ def make_model(config, num_classes: int, mesh: Optional[Mesh] = None) -> nn.Modu
     around the conds even with every block dropped (ResNet-110, docs/performance.md)."""
     mesh = parallel.make_mesh() if mesh is None else mesh
     resolve_convention(config)
-    resolve_platform_defaults(config, mesh.devices.flat[0].platform)
-    synchronised = synchronised_batch_norm(config) and mesh.size > 1
     platform = mesh.devices.flat[0].platform
+    resolve_platform_defaults(config, platform)
+    synchronised = synchronised_batch_norm(config) and mesh.size > 1
     common = dict(depth=config.depth, num_classes=num_classes, p_last=config.p_last,
                   survival_mode=config.survival_mode, drop_mode=config.drop_mode, dtype=jnp.dtype(config.dtype),
                   scan_blocks=config.scan_blocks, bn_axis_name=parallel.AXIS if synchronised else None,
@@ -61,8 +62,9 @@ def make_model(config, num_classes: int, mesh: Optional[Mesh] = None) -> nn.Modu
     if config.model == "resnet_imagenet":
         return ResNetImageNet(**common, drop_downsample_blocks=config.drop_downsample_blocks,
                               zero_init_last_bn=config.zero_init_last_bn)
-    return ResNetCIFAR(**common, conv_grads=config.conv_grads, bn_scale_init=config.bn_scale_init,
-                       conv_init_fan=config.conv_init_fan, classifier_init=config.classifier_init,
+    return ResNetCIFAR(**common, conv_grads=resolve_conv_grads(config.conv_grads, platform),
+                       bn_scale_init=config.bn_scale_init, conv_init_fan=config.conv_init_fan,
+                       classifier_init=config.classifier_init,
                        shortcut_downsample=config.shortcut_downsample)
 
 
