@@ -6,7 +6,8 @@ Running it again on the same --workdir resumes from the latest checkpoint. Exit 
 (docs/runs.md, "Command line"): 2 for a bad config, workdir or data (nothing is written), 3 when the loss stops
 being finite or no checkpoint reads.
 """
-from sd_jax import cli, parallel
+from sd_jax import cli
+from sd_jax.training import parallel
 from sd_jax.training.loop import train_and_evaluate
 
 

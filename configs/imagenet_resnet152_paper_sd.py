@@ -5,7 +5,7 @@
 # 0.9, weight decay 1e-4 on every parameter (optim.sgd over getParameters()), lr 0.1 multiplied by
 # 0.1 every 30 epochs (`0.1^floor((epoch - 1) / 30)`), so at 1e-4 from epoch 91 of 120; the model is
 # its ResNet-152 (stride on the 3x3 conv, projection shortcuts where the shape changes, conv init
-# normal(0, sqrt(2 / (k*k*out)))), which sd_jax.resnet_imagenet builds in torchvision's layout.
+# normal(0, sqrt(2 / (k*k*out)))), which sd_jax.models.imagenet builds in torchvision's layout.
 # Left open by the paper, chosen here:
 #   - batch 128 at lr 0.1; fb.resnet.torch's README trains batch 256 at lr 0.1, so lr 0.1 at 128
 #     may be twice the linear-scaling value; which the paper ran is not certain.

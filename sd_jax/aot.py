@@ -27,7 +27,7 @@ import tempfile
 import time
 
 from sd_jax import cli, targets
-from sd_jax.compiled import count_conditionals, gpu_thunks, memory, out_of_memory, xla_flops
+from sd_jax.training.compiled import count_conditionals, gpu_thunks, memory, out_of_memory, xla_flops
 from sd_jax.training.plan import make_plan, make_train_state, run_keys
 from sd_jax.training.steps import (HOST_BATCH_SPEC, eval_variables, make_batch_errors, make_count_errors,
                                    make_host_train_steps, make_train_steps)
@@ -52,7 +52,7 @@ class DataShapes:
 
 def data_shapes(config) -> DataShapes:
     """The dataset's split sizes and image shape, without reading it (bundled sets are read: tiny)."""
-    from sd_jax import data, imagenet
+    from sd_jax.data import cifar_svhn, imagenet
     from sd_jax.config import HOST_FED_DATASETS
 
     if config.dataset in HOST_FED_DATASETS:
@@ -60,11 +60,11 @@ def data_shapes(config) -> DataShapes:
         side = config.image_size
         return DataShapes(imagenet.TRAIN_IMAGES - held, held, imagenet.VAL_IMAGES, (side, side, 3),
                           imagenet.NUM_CLASSES, 0, True, True)
-    if config.dataset in data.BUNDLED:
-        ds = data.load_dataset(config.dataset)
+    if config.dataset in cifar_svhn.BUNDLED:
+        ds = cifar_svhn.load_dataset(config.dataset)
         return DataShapes(len(ds.train), len(ds.val), len(ds.test), ds.image_shape, ds.num_classes, ds.translate,
                           ds.flip, False)
-    spec = data.OFFICIAL[config.dataset]
+    spec = cifar_svhn.OFFICIAL[config.dataset]
     return DataShapes(*spec.split_sizes, (spec.image_side, spec.image_side, 3), spec.num_classes, spec.translate,
                       spec.flip, False)
 
@@ -87,8 +87,10 @@ def training_calls(config, devices, shapes: DataShapes):
     import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    from sd_jax import data, parallel
+    from sd_jax.data import cifar_svhn
 
+
+    from sd_jax.training import parallel
     mesh = Mesh(np.array(devices), (parallel.AXIS,))
     plan = make_plan(config, shapes.num_train, shapes.num_classes, shapes.translate, shapes.flip, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -96,7 +98,7 @@ def training_calls(config, devices, shapes: DataShapes):
                                                       image_shape=shapes.image_shape), jax.random.key(0)), replicated)
     keys = abstract(jax.eval_shape(lambda: run_keys(config.seed)), replicated)
     mean, std = (abstract(jnp.asarray(s), replicated) for s in
-                 data.normalization_stats(np.zeros((1,) + shapes.image_shape, np.uint8), config.normalization))
+                 cifar_svhn.normalization_stats(np.zeros((1,) + shapes.image_shape, np.uint8), config.normalization))
     variables = eval_variables(state)
     u8, i32 = jnp.uint8, jnp.int32
     if shapes.host_fed:
@@ -152,12 +154,14 @@ def analyse(config, target_name: str, num_devices: int, cuda_version: str, proje
     doc); `xla_options` are added to both compilations (trying an XLA or libtpu option)."""
     import jax
 
-    from sd_jax import compiler, data
+    from sd_jax.data import cifar_svhn
+
+    from sd_jax.training import compiler
     from sd_jax.config import resolve_convention, resolve_platform_defaults, validate
 
     target = targets.target(target_name)
     devices = target.devices(num_devices, cuda_version) if target.platform == "gpu" else target.devices(num_devices)
-    validate(config, data.DATASETS, num_devices)
+    validate(config, cifar_svhn.DATASETS, num_devices)
     resolve_convention(config)
     resolve_platform_defaults(config, target.platform)
     shapes = data_shapes(config)
@@ -264,7 +268,7 @@ def arg_parser():
     p.add_argument("--target", required=True, help=f"one of {', '.join(targets.TARGETS)}")
     p.add_argument("--devices", type=int, default=1, help="devices of the data mesh (GPUs on one host, TPU chips)")
     p.add_argument("--compiler-options", default="project", choices=("project", "none"),
-                   help="compile with the project's XLA options (sd_jax/compiler.py) or XLA's defaults")
+                   help="compile with the project's XLA options (sd_jax/training/compiler.py) or XLA's defaults")
     p.add_argument("--xla-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an XLA (or libtpu) option added to both compilations; repeat for several")
     p.add_argument("--cuda-version", default=targets.CUDA_VERSION,

@@ -22,7 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sd_jax import cli, compiler, parallel, provenance
+from sd_jax import cli
+
+from sd_jax.training import compiler, parallel, provenance
 from sd_jax.config import MODEL_DEPTHS, ConfigError, default_config, resolve_convention
 from sd_jax.training.plan import make_model, make_plan, make_train_state, run_keys
 from sd_jax.training.steps import make_train_steps
@@ -158,7 +160,7 @@ def arg_parser():
                              "'jax-scanned'), so compile times and steps compare side by side")
     parser.add_argument("--conv-grads", default="auto", choices=("auto", "explicit", "xla"))
     parser.add_argument("--compiler-options", default="project", choices=("project", "none", "both"),
-                        help="compile with the project's XLA options (sd_jax/compiler.py), without, or "
+                        help="compile with the project's XLA options (sd_jax/training/compiler.py), without, or "
                              "both, timed alternately (rows 'jax' and 'jax-no-options')")
     parser.add_argument("--batch-mask", default="on", choices=("on", "off", "both"),
                         help="steps with the per-example mask that training the last partial batch needs "

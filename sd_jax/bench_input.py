@@ -17,7 +17,11 @@ import time
 
 import jax
 
-from sd_jax import bench, cli, imagenet, input_pipeline, provenance
+from sd_jax import bench, cli
+
+from sd_jax.data import imagenet, input_pipeline
+
+from sd_jax.training import provenance
 from sd_jax.config import ConfigError, load_config, resolve_convention
 from sd_jax.training.experiment import make_experiment
 from sd_jax.training.feeds import HostFeed

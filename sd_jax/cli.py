@@ -11,10 +11,10 @@ import sys
 
 from absl import logging as absl_logging
 
-from sd_jax.checkpoints import CheckpointError
+from sd_jax.training.checkpoints import CheckpointError
 from sd_jax.config import ConfigError, load_config
-from sd_jax.data_files import DataError
-from sd_jax.records import WorkdirError
+from sd_jax.data.files import DataError
+from sd_jax.training.records import WorkdirError
 from sd_jax.training.loop import TrainingDiverged
 
 EXIT_BAD_INPUT, EXIT_FAILED = 2, 3

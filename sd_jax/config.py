@@ -7,21 +7,21 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from sd_jax.conv import CONV_GRADS, INIT_FANS
-from sd_jax.data import NORMALIZATIONS
-from sd_jax.models import BN_SCALE_INITS, CLASSIFIER_INITS, SHORTCUT_DOWNSAMPLES, blocks_per_stage
-from sd_jax.resnet_imagenet import stage_blocks
-from sd_jax.survival import SURVIVAL_MODES
-from sd_jax.stochastic_depth import DROP_MODES
+from sd_jax.layers.conv import CONV_GRADS, INIT_FANS
+from sd_jax.data.cifar_svhn import NORMALIZATIONS
+from sd_jax.models.cifar import BN_SCALE_INITS, CLASSIFIER_INITS, SHORTCUT_DOWNSAMPLES, blocks_per_stage
+from sd_jax.models.imagenet import stage_blocks
+from sd_jax.layers.survival import SURVIVAL_MODES
+from sd_jax.layers.stochastic_depth import DROP_MODES
 
 DTYPES = ("float32", "bfloat16")
 DROP_GATES = ("shared", "per_device")
 # "resnet_cifar": the paper's CIFAR/SVHN ResNet (depth 6n+2, basic blocks); "resnet_imagenet": the
-# bottleneck ResNet-50/101/152 of the paper's ImageNet run and composer (sd_jax.resnet_imagenet).
+# bottleneck ResNet-50/101/152 of the paper's ImageNet run and composer (sd_jax.models.imagenet).
 MODEL_DEPTHS = {"resnet_cifar": blocks_per_stage, "resnet_imagenet": stage_blocks}
 LR_SCHEDULES = ("step", "cosine")
 LR_WARMUPS = ("constant", "linear")
-# Datasets fed from the host (too large for the device): sd_jax.imagenet and sd_jax.input_pipeline.
+# Datasets fed from the host (too large for the device): sd_jax.data.imagenet and sd_jax.data.input_pipeline.
 HOST_FED_DATASETS = ("imagenet2012",)
 DATA_SOURCES = {"tfds": "tensorflow-datasets", "files": "the official files (ImageNet: an ImageFolder) in data_dir",
                 "synthetic": "generated JPEGs, imagenet2012 only"}
@@ -73,7 +73,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.conv_init_fan = ml_collections.FieldReference(None, field_type=str)  # He init over "fan_in" or "fan_out"
     c.classifier_init = ml_collections.FieldReference(None, field_type=str)  # "torch" (+-1/sqrt(fan_in)) or "lecun"
     c.shortcut_downsample = ml_collections.FieldReference(None, field_type=str)  # "subsample" or "average"
-    c.normalization = ml_collections.FieldReference(None, field_type=str)  # see sd_jax.data.NORMALIZATIONS
+    c.normalization = ml_collections.FieldReference(None, field_type=str)  # see sd_jax.data.cifar_svhn.NORMALIZATIONS
     c.partial_last_batch = ml_collections.FieldReference(None, field_type=bool)  # train the epoch's last, short batch
     c.num_epochs = 500
     c.batch_size = 128

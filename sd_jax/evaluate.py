@@ -8,7 +8,9 @@ import os
 
 import ml_collections
 
-from sd_jax import checkpoints, cli, records
+from sd_jax import cli
+
+from sd_jax.training import checkpoints, records
 from sd_jax.config import default_config, resolve_convention
 from sd_jax.training.experiment import make_experiment
 from sd_jax.training.feeds import make_feed

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sd_jax import cli
-from sd_jax.models import ResNetCIFAR, blocks_per_stage, stack_blocks, to_scanned_layout
-from sd_jax.resnet_imagenet import ResNetImageNet, stage_blocks, stage_sizes
+from sd_jax.models.cifar import ResNetCIFAR, blocks_per_stage, stack_blocks, to_scanned_layout
+from sd_jax.models.imagenet import ResNetImageNet, stage_blocks, stage_sizes
 
 BN_FIELDS = {"weight": ("params", "scale"), "bias": ("params", "bias"),
              "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
@@ -135,8 +135,8 @@ def load_torch_checkpoint(path: str):
 
 
 def arg_parser():
-    from sd_jax import data
-    from sd_jax.models import SHORTCUT_DOWNSAMPLES
+    from sd_jax.data import cifar_svhn
+    from sd_jax.models.cifar import SHORTCUT_DOWNSAMPLES
 
     p = cli.parser("Evaluate a PyTorch CIFAR-ResNet checkpoint with sd_jax.")
     p.add_argument("--checkpoint", required=True, help=".pth/.pt file holding a state_dict")
@@ -146,7 +146,7 @@ def arg_parser():
     p.add_argument("--data-source", default="tfds", choices=("tfds", "files"))
     p.add_argument("--p-last", type=float, default=1.0, help="survival probability used at training time")
     p.add_argument("--survival-mode", default="linear", choices=("linear", "uniform"))
-    p.add_argument("--normalization", default="channel_mean_std", choices=data.NORMALIZATIONS,
+    p.add_argument("--normalization", default="channel_mean_std", choices=cifar_svhn.NORMALIZATIONS,
                    help="the input normalisation the PyTorch run trained with (default: per channel, "
                         "as transforms.Normalize)")
     p.add_argument("--shortcut-downsample", default="subsample", choices=SHORTCUT_DOWNSAMPLES,
@@ -155,14 +155,15 @@ def arg_parser():
 
 
 def run(args):
-    from sd_jax import data, parallel
+    from sd_jax.data import cifar_svhn
+    from sd_jax.training import parallel
     from sd_jax.config import default_config, resolve_convention
     from sd_jax.training.experiment import device_eval_data
     from sd_jax.training.feeds import error_rates
     from sd_jax.training.plan import make_model
     from sd_jax.training.steps import make_count_errors
 
-    dataset = data.load_dataset(args.dataset, args.data_dir, args.data_source)
+    dataset = cifar_svhn.load_dataset(args.dataset, args.data_dir, args.data_source)
     config = default_config()
     config.update(depth=args.depth, p_last=args.p_last, survival_mode=args.survival_mode, dataset=args.dataset,
                   convention="pytorch", normalization=args.normalization,

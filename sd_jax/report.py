@@ -16,10 +16,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
-from sd_jax import cli, provenance, records  # noqa: E402
+from sd_jax import cli  # noqa: E402
+
+from sd_jax.training import provenance, records
 from sd_jax.bench import expected_step_ratio  # noqa: E402
-from sd_jax.models import ResNetCIFAR  # noqa: E402
-from sd_jax.resnet_imagenet import ResNetImageNet  # noqa: E402
+from sd_jax.models.cifar import ResNetCIFAR  # noqa: E402
+from sd_jax.models.imagenet import ResNetImageNet  # noqa: E402
 
 
 @dataclasses.dataclass

@@ -10,7 +10,9 @@ interrupted one resumes from its checkpoint, so rerunning the command continues 
 import logging
 import os
 
-from sd_jax import cli, records
+from sd_jax import cli
+
+from sd_jax.training import records
 from sd_jax.training.loop import train_and_evaluate
 
 log = logging.getLogger("sd_jax.sweep")  # not __name__: it is "__main__" under python -m

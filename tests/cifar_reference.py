@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sd_jax.models import ResNetCIFAR
+from sd_jax.models.cifar import ResNetCIFAR
 
 PATH = os.path.join(os.path.dirname(__file__), "data", "cifar_resnet_reference.npz")
 

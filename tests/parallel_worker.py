@@ -14,7 +14,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import PartitionSpec  # noqa: E402
 
-from sd_jax import checkpoints, parallel, records  # noqa: E402
+from sd_jax.training import checkpoints, parallel, records  # noqa: E402
 from sd_jax.training.experiment import make_experiment  # noqa: E402
 from sd_jax.training.feeds import epoch_permutation  # noqa: E402
 from sd_jax.training.loop import train_and_evaluate  # noqa: E402

@@ -10,7 +10,9 @@ import textwrap
 import jax
 import pytest
 
-from sd_jax import aot, compiled, targets
+from sd_jax import aot, targets
+
+from sd_jax.training import compiled
 from sd_jax.config import load_config
 
 GPU_COMPILER = any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (12, 13)) \
@@ -55,7 +57,7 @@ def small_config(**overrides):
 def test_imagenet_projection_blocks_kept_on_have_no_gate():
     """ResNet-50's 16 blocks without the 4 projection blocks' gates (drop_downsample_blocks=False):
     12 conditionals in the traced forward pass."""
-    from sd_jax.resnet_imagenet import ResNetImageNet
+    from sd_jax.models.imagenet import ResNetImageNet
 
     def conditionals(**kwargs):
         model = ResNetImageNet(depth=50, num_classes=10, p_last=0.8, **kwargs)

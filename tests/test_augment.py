@@ -2,7 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sd_jax import augment
+from sd_jax.data import augment
 
 
 def numpy_shift(image, dy, dx):

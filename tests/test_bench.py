@@ -3,9 +3,11 @@ import os
 
 import pytest
 
-from sd_jax import bench, compiler
-from sd_jax.models import ResNetCIFAR
-from sd_jax.resnet_imagenet import ResNetImageNet
+from sd_jax import bench
+
+from sd_jax.training import compiler
+from sd_jax.models.cifar import ResNetCIFAR
+from sd_jax.models.imagenet import ResNetImageNet
 
 FIELDS = {"framework", "config", "depth", "p_last", "mode", "compile_s", "step_s_median", "images_per_s",
           "device_kind", "batch_size", "dtype"}

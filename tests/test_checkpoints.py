@@ -8,7 +8,9 @@ import time
 import jax.numpy as jnp
 import pytest
 
-from sd_jax import checkpoints, evaluate, records
+from sd_jax import evaluate
+
+from sd_jax.training import checkpoints, records
 from sd_jax.training import steps as training_steps
 from sd_jax.training.experiment import make_experiment
 from sd_jax.training.loop import TrainingDiverged, train_and_evaluate

@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sd_jax import compiler, targets
+from sd_jax import targets
+
+from sd_jax.training import compiler
 from tests import test_aot
 
 CPU_ONLY = pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the XLA:CPU options")

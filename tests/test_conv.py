@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from sd_jax.conv import Conv3x3, conv3x3
+from sd_jax.layers.conv import Conv3x3, conv3x3
 
 
 def reference_conv(x, kernel, stride):

@@ -4,8 +4,8 @@ import time
 import numpy as np
 import pytest
 
-from sd_jax import data
-from sd_jax.data_files import CIFAR_ARCHIVES, CIFAR_LAYOUTS, DataError, read_cifar, read_svhn
+from sd_jax.data import cifar_svhn
+from sd_jax.data.files import CIFAR_ARCHIVES, CIFAR_LAYOUTS, DataError, read_cifar, read_svhn
 from tests import data_fixtures as fx
 
 
@@ -17,7 +17,7 @@ def test_digits_and_synthetic_splits_are_disjoint_and_fixed():
     from collections import Counter
 
     from sklearn.datasets import load_digits as sklearn_digits
-    d = data.load_digits()
+    d = cifar_svhn.load_digits()
     assert (len(d.train), len(d.val), len(d.test)) == (1300, 200, 297)
     rows = lambda images, labels: Counter(zip((img.reshape(-1).tobytes() for img in images), map(int, labels)))
     raw = sklearn_digits()
@@ -25,25 +25,25 @@ def test_digits_and_synthetic_splits_are_disjoint_and_fixed():
     # The three splits partition scikit-learn's 1797 images: none in two splits, none left out.
     assert rows(d.train.images, d.train.labels) + rows(d.val.images, d.val.labels) + \
         rows(d.test.images, d.test.labels) == original
-    again = data.load_digits()
+    again = cifar_svhn.load_digits()
     for split, same in zip((d.train, d.val, d.test), (again.train, again.val, again.test)):
         np.testing.assert_array_equal(split.images, same.images)
         np.testing.assert_array_equal(split.labels, same.labels)
-    s = data.load_synthetic()
+    s = cifar_svhn.load_synthetic()
     assert (len(s.train), len(s.val), len(s.test)) == (1024, 256, 256)
     train, val, test = row_set(s.train.images), row_set(s.val.images), row_set(s.test.images)
     assert len(train) + len(val) + len(test) == 1536 and not (train & val or train & test or val & test)
 
 
 def test_channel_normalisation_comes_from_the_training_split_only():
-    d = data.load_digits()
+    d = cifar_svhn.load_digits()
     mean, std = d.normalization("channel_mean_std")
     assert mean.shape == std.shape == (1,)
     assert mean[0] == pytest.approx(d.train.images.astype(np.float64).mean() / 255.0, rel=1e-6)
     assert std[0] == pytest.approx(d.train.images.astype(np.float64).std() / 255.0, rel=1e-6)
-    brighter = data.Dataset(d.name, d.train, data.Split(d.val.images // 2, d.val.labels),
-                            data.Split(d.test.images * 0 + 255, d.test.labels), 10, 1, False)
-    for how in data.NORMALIZATIONS:
+    brighter = cifar_svhn.Dataset(d.name, d.train, cifar_svhn.Split(d.val.images // 2, d.val.labels),
+                            cifar_svhn.Split(d.test.images * 0 + 255, d.test.labels), 10, 1, False)
+    for how in cifar_svhn.NORMALIZATIONS:
         for ours, theirs in zip(brighter.normalization(how), d.normalization(how)):
             np.testing.assert_array_equal(ours, theirs)
 
@@ -53,13 +53,13 @@ def test_authors_normalisation_is_a_mean_image_and_one_unbiased_std():
     # (every value, n - 1, taken before the mean is subtracted).
     images = np.random.default_rng(0).integers(0, 256, (5000, 6, 5, 3), dtype=np.uint8)
     images[:, 0] //= 4  # a darker top row: the mean image is not flat
-    mean, std = data.normalization_stats(images, "pixel_mean_scalar_std")
+    mean, std = cifar_svhn.normalization_stats(images, "pixel_mean_scalar_std")
     as_float = images.astype(np.float64) / 255.0
     assert mean.shape == (6, 5, 3) and np.shape(std) == ()
     np.testing.assert_allclose(mean, as_float.mean(0), rtol=1e-6)
     assert float(std) == pytest.approx(as_float.std(ddof=1), rel=1e-6)
     assert float(mean[0].mean()) < 0.5 * float(mean[1:].mean())
-    digits = data.load_digits()  # and on a real training split, through the Dataset
+    digits = cifar_svhn.load_digits()  # and on a real training split, through the Dataset
     mean, std = digits.normalization("pixel_mean_scalar_std")
     train = digits.train.images.astype(np.float64) / 255.0
     np.testing.assert_allclose(mean, train.mean(0), rtol=1e-6, atol=1e-7)
@@ -68,17 +68,17 @@ def test_authors_normalisation_is_a_mean_image_and_one_unbiased_std():
 
 def test_cifar_split_sizes_and_no_leak():
     raw = fx.cifar_arrays(10, train=5200)
-    train, val, test = data.cifar_splits(raw)
+    train, val, test = cifar_svhn.cifar_splits(raw)
     assert (len(train), len(val), len(test)) == (200, 5000, 100)
     assert not row_set(train.images) & row_set(val.images)
     assert row_set(train.images) | row_set(val.images) == row_set(raw["train"][0])
-    train2, val2, _ = data.cifar_splits(raw)
+    train2, val2, _ = cifar_svhn.cifar_splits(raw)
     np.testing.assert_array_equal(val.images, val2.images)  # fixed shuffle
 
 
 def test_svhn_validation_is_400_per_class_from_train_and_200_from_extra():
     raw = fx.svhn_arrays()
-    train, val, test = data.svhn_splits(raw)
+    train, val, test = cifar_svhn.svhn_splits(raw)
     assert np.bincount(val.labels, minlength=10).tolist() == [600] * 10
     from_train = row_set(val.images) & row_set(raw["train"][0])
     from_extra = row_set(val.images) & row_set(raw["extra"][0])
@@ -169,7 +169,7 @@ def test_svhn_errors(tmp_path):
 
 
 def test_files_source_needs_a_data_dir():
-    expect_error(lambda: data.load_dataset("cifar10", "", "files"), "data_dir")
+    expect_error(lambda: cifar_svhn.load_dataset("cifar10", "", "files"), "data_dir")
 
 
 @pytest.mark.parametrize("name,write", [

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sd_jax import records
+from sd_jax.training import records
 from sd_jax.config import CONVENTIONS, default_config, load_config
-from sd_jax.models import ResNetCIFAR, option_a_shortcut
+from sd_jax.models.cifar import ResNetCIFAR, option_a_shortcut
 from sd_jax.training.experiment import make_experiment
 from sd_jax.training.feeds import epoch_permutation
 from sd_jax.training.loop import train_and_evaluate

@@ -6,9 +6,13 @@ import sys
 
 import pytest
 
-from sd_jax import data, records, report
+from sd_jax import report
+
+from sd_jax.data import cifar_svhn
+
+from sd_jax.training import records
 from sd_jax.config import ConfigError, load_config, resolve_convention, validate
-from sd_jax.resnet_imagenet import ResNetImageNet
+from sd_jax.models.imagenet import ResNetImageNet
 from sd_jax.training.loop import train_and_evaluate
 from sd_jax.training.plan import learning_rate_schedule, make_model
 from tests.conftest import ROOT
@@ -36,7 +40,7 @@ def test_without_the_data_train_py_stops_at_once_and_says_where_it_goes(tmp_path
 @pytest.mark.parametrize("name", sorted(IMAGENET_CONFIGS))
 def test_imagenet_configs_are_complete_and_build_their_model(name):
     config = load_config(name)
-    validate(config, data.DATASETS)
+    validate(config, cifar_svhn.DATASETS)
     model = make_model(resolve_convention(config), num_classes=1000)
     depth, p_last = IMAGENET_CONFIGS[name]
     assert isinstance(model, ResNetImageNet) and (model.depth, model.p_last) == (depth, p_last)
@@ -94,7 +98,7 @@ def test_bad_model_and_schedule_values_name_the_key(overrides, message):
     config = tiny_config()
     config.update(overrides)
     with pytest.raises(ConfigError) as error:
-        validate(config, data.DATASETS)
+        validate(config, cifar_svhn.DATASETS)
     assert message in str(error.value)
 
 

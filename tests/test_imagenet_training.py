@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from sd_jax import parallel, records
+from sd_jax.training import parallel, records
 from sd_jax.training.steps import make_batch_errors
 from tests.conftest import ROOT
 from tests.test_checkpoints import wait_for_metrics, without_timing

@@ -1,5 +1,5 @@
 """ImageNet's host side: the ImageFolder and synthetic sources, the crops, the stateless order and
-the per-process shards (sd_jax.imagenet, sd_jax.input_pipeline)."""
+the per-process shards (sd_jax.data.imagenet, sd_jax.data.input_pipeline)."""
 import io
 import json
 import tarfile
@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sd_jax import imagenet
-from sd_jax.data_files import DataError
+from sd_jax.data import imagenet
+from sd_jax.data.files import DataError
 
 @pytest.fixture(scope="module")
 def ip():
-    """sd_jax.input_pipeline, imported only when these tests run: TensorFlow loaded while pytest
+    """sd_jax.data.input_pipeline, imported only when these tests run: TensorFlow loaded while pytest
     collects would precede PyTorch's triton in the parity tests' process, an order that crashes."""
-    from sd_jax import input_pipeline
+    from sd_jax.data import input_pipeline
 
     return input_pipeline
 

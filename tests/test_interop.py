@@ -8,7 +8,7 @@ import pytest
 
 from sd_jax.bench import PEER_PATH
 from sd_jax.interop import from_torch_state_dict
-from sd_jax.models import ResNetCIFAR
+from sd_jax.models.cifar import ResNetCIFAR
 
 
 def numpy_state_dict(depth, num_classes=10, seed=0):
@@ -137,11 +137,12 @@ def test_average_shortcut_models_load_too(monkeypatch):
 
 def test_evaluate_cli_agrees_with_pytorch_on_the_same_data(tmp_path, capsys):
     torch, peer = load_peer()
-    from sd_jax import data, interop
+    from sd_jax import interop
+    from sd_jax.data import cifar_svhn
     torch.manual_seed(0)
     net = peer.ResNetSD(8, 10, 0.5, "linear").train()
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    dataset = data.load_dataset("synthetic")
+    dataset = cifar_svhn.load_dataset("synthetic")
     mean, std = (a.reshape(1, 3, 1, 1) for a in dataset.normalization("channel_mean_std"))
 
     def to_torch(images):

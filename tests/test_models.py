@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sd_jax.models import (ResNetCIFAR, blocks_per_stage, count_params, option_a_shortcut, to_scanned_layout,
+from sd_jax.models.cifar import (ResNetCIFAR, blocks_per_stage, count_params, option_a_shortcut, to_scanned_layout,
                            to_unrolled_layout)
 
 
@@ -77,7 +77,7 @@ def test_scan_and_unrolled_agree_given_the_same_weights():
 
 @pytest.mark.parametrize("scan_blocks", [False, True])
 def test_gates_count_active_blocks(scan_blocks):
-    from sd_jax.models import active_blocks
+    from sd_jax.models.cifar import active_blocks
     model = ResNetCIFAR(20, scan_blocks=scan_blocks, p_last=0.5)
     x = jnp.ones((2, 16, 16, 3))
     variables = model.init(jax.random.key(0), x)

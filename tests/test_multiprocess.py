@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from sd_jax import checkpoints, records
+from sd_jax.training import checkpoints, records
 from sd_jax.training.experiment import make_experiment
 from sd_jax.training.loop import train_and_evaluate
 from tests.conftest import ROOT

@@ -7,9 +7,11 @@ import sys
 import jax
 import pytest
 
-from sd_jax import records, report
+from sd_jax import report
+
+from sd_jax.training import records
 from sd_jax.config import load_config, resolve_convention, resolve_platform_defaults
-from sd_jax.models import ResNetCIFAR
+from sd_jax.models.cifar import ResNetCIFAR
 from sd_jax.training.loop import train_and_evaluate
 from tests import notebooks
 from tests.conftest import ROOT

@@ -5,9 +5,9 @@ import numpy as np
 import optax
 import pytest
 
-from sd_jax.models import count_params, stack_blocks
-from sd_jax.resnet_imagenet import BottleneckBranch, Projection, ResNetImageNet, stage_sizes
-from sd_jax.stochastic_depth import StochasticDepth
+from sd_jax.models.cifar import count_params, stack_blocks
+from sd_jax.models.imagenet import BottleneckBranch, Projection, ResNetImageNet, stage_sizes
+from sd_jax.layers.stochastic_depth import StochasticDepth
 
 
 def closed_form_params(blocks, num_classes=1000):

@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sd_jax.models import BasicBranch, option_a_shortcut
-from sd_jax.stochastic_depth import StochasticDepth
+from sd_jax.models.cifar import BasicBranch, option_a_shortcut
+from sd_jax.layers.stochastic_depth import StochasticDepth
 
 X = jax.random.normal(jax.random.key(0), (8, 8, 8, 4))
 

@@ -2,7 +2,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sd_jax.survival import drop_scale, expected_active_blocks, scaled_survival, survival_probabilities
+from sd_jax.layers.survival import drop_scale, expected_active_blocks, scaled_survival, survival_probabilities
 
 
 def test_linear_decay_matches_closed_form():

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sd_jax import compiled, compiler, provenance, records
+from sd_jax.training import compiled, compiler, provenance, records
 from sd_jax.config import default_config
 from sd_jax.training.experiment import make_experiment
 from sd_jax.training.feeds import epoch_permutation

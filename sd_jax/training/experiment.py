@@ -1,18 +1,20 @@
 """Everything built from a config before training: the dataset, its copies on the devices, the
 plan, the random keys and the initial state. The whole CIFAR/SVHN dataset sits on the device as
-uint8; ImageNet stays on the host (sd_jax.input_pipeline)."""
+uint8; ImageNet stays on the host (sd_jax.data.input_pipeline)."""
 import dataclasses
 
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from sd_jax import data, imagenet, parallel
+from sd_jax.data import cifar_svhn, imagenet
+
+from sd_jax.training import parallel
 from sd_jax.config import HOST_FED_DATASETS, ConfigError, resolve_convention
 from sd_jax.training.plan import TrainingPlan, TrainState, make_plan, make_train_state, run_keys
 
 
-def device_eval_split(split: data.Split, batch_size: int, mesh: Mesh) -> dict:
+def device_eval_split(split: cifar_svhn.Split, batch_size: int, mesh: Mesh) -> dict:
     """An evaluation split on the devices, padded to whole batches (padding labelled -1), each batch
     split across the devices."""
     n = len(split)
@@ -28,7 +30,7 @@ def device_eval_split(split: data.Split, batch_size: int, mesh: Mesh) -> dict:
 EVAL_SPLITS = ("val", "test")
 
 
-def device_eval_data(dataset: data.Dataset, batch_size: int, mesh: Mesh, mean, std) -> dict:
+def device_eval_data(dataset: cifar_svhn.Dataset, batch_size: int, mesh: Mesh, mean, std) -> dict:
     """What evaluation needs on the devices: the validation and test splits (with their sizes) and
     the input normalisation `mean`, `std` (from the training split: `Dataset.normalization`)."""
     return {"splits": {name: device_eval_split(getattr(dataset, name), batch_size, mesh) for name in EVAL_SPLITS},
@@ -42,7 +44,7 @@ class Experiment:
     plan, the random keys and the initial state."""
 
     config: ml_collections.ConfigDict
-    dataset: data.Dataset
+    dataset: cifar_svhn.Dataset
     plan: TrainingPlan
     keys: dict
     state: TrainState
@@ -56,7 +58,7 @@ def make_experiment(config: ml_collections.ConfigDict) -> Experiment:
     size, number of classes) raises ConfigError here, before anything is written."""
     resolve_convention(config)
     host_fed = config.dataset in HOST_FED_DATASETS
-    dataset = imagenet.load(config) if host_fed else data.load_dataset(config.dataset, config.data_dir,
+    dataset = imagenet.load(config) if host_fed else cifar_svhn.load_dataset(config.dataset, config.data_dir,
                                                                         config.data_source)
     if config.num_classes is not None and config.num_classes != dataset.num_classes:
         raise ConfigError(f"num_classes={config.num_classes} but {dataset.name} has {dataset.num_classes} "
@@ -66,7 +68,7 @@ def make_experiment(config: ml_collections.ConfigDict) -> Experiment:
     keys = parallel.replicate(run_keys(config.seed), mesh)
     state = parallel.replicate(make_train_state(keys["init"], plan, dataset.image_shape), mesh)
     mean, std = dataset.normalization(config.normalization)
-    if host_fed:  # the images stay on the host: sd_jax.input_pipeline feeds them (HostFeed)
+    if host_fed:  # the images stay on the host: sd_jax.data.input_pipeline feeds them (HostFeed)
         return Experiment(config, dataset, plan, keys, state, parallel.replicate({"mean": mean, "std": std}, mesh),
                           None)
     train_data = parallel.replicate({"images": dataset.train.images, "labels": dataset.train.labels,

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from sd_jax import parallel
+from sd_jax.training import parallel
 from sd_jax.config import HOST_FED_DATASETS
 from sd_jax.training.experiment import Experiment
 from sd_jax.training.plan import TrainingPlan, TrainState
@@ -57,7 +57,7 @@ class DeviceFeed:
 
 
 class HostFeed:
-    """Training and evaluation on batches decoded on the host (ImageNet, sd_jax.input_pipeline):
+    """Training and evaluation on batches decoded on the host (ImageNet, sd_jax.data.input_pipeline):
     `steps_per_call` batches stacked per jitted call. The pipeline restarts wherever the loop asks
     (a resumed run), and its order and crops depend on (seed, epoch, index) only, so a resumed run
     trains on exactly the uninterrupted run's batches."""
@@ -65,7 +65,7 @@ class HostFeed:
     def __init__(self, experiment: Experiment):
         # TensorFlow loads only for host-fed data: it costs seconds at start, and PyTorch's triton
         # imported after it in the same process (the parity tests) crashes.
-        from sd_jax import input_pipeline
+        from sd_jax.data import input_pipeline
 
         self.pipeline = input_pipeline
         self.experiment, self.config, self.plan = experiment, experiment.config, experiment.plan

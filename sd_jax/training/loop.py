@@ -7,9 +7,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from sd_jax import checkpoints, compiler, data, parallel, provenance, records
+from sd_jax.data import cifar_svhn
+
+from sd_jax.training import checkpoints, compiler, parallel, provenance, records
 from sd_jax.config import resolve_convention, resolve_platform_defaults, validate
-from sd_jax.models import count_params
+from sd_jax.models.cifar import count_params
 from sd_jax.training.experiment import Experiment, make_experiment
 from sd_jax.training.feeds import make_feed
 from sd_jax.training.plan import TrainState, learning_rate_schedule
@@ -185,7 +187,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, restart:
     checkpoint; `restart` deletes the earlier run instead. Nothing is written until the config,
     the workdir and the data have passed every check."""
     warn_if_accelerator_idle()
-    validate(config, data.DATASETS, jax.device_count())
+    validate(config, cifar_svhn.DATASETS, jax.device_count())
     resolve_convention(config)
     resolve_platform_defaults(config, jax.devices()[0].platform)
     compiler.use_compilation_cache(config.compilation_cache_dir)

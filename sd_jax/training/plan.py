@@ -11,11 +11,11 @@ import optax
 from flax.training import train_state
 from jax.sharding import Mesh
 
-from sd_jax import parallel
+from sd_jax.training import parallel
 from sd_jax.config import ConfigError, resolve_convention, resolve_platform_defaults
-from sd_jax.conv import resolve_conv_grads
-from sd_jax.models import ResNetCIFAR
-from sd_jax.resnet_imagenet import ResNetImageNet
+from sd_jax.layers.conv import resolve_conv_grads
+from sd_jax.models.cifar import ResNetCIFAR
+from sd_jax.models.imagenet import ResNetImageNet
 
 
 class TrainState(train_state.TrainState):

@@ -10,9 +10,11 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, PartitionSpec
 
-from sd_jax import augment, compiler, parallel
-from sd_jax.models import active_blocks
-from sd_jax.survival import drop_scale
+from sd_jax.data import augment
+
+from sd_jax.training import compiler, parallel
+from sd_jax.models.cifar import active_blocks
+from sd_jax.layers.survival import drop_scale
 from sd_jax.training.plan import TrainingPlan, TrainState, synchronised_batch_norm
 
 
@@ -132,7 +134,7 @@ def make_host_train_steps(plan: TrainingPlan, config):
     the host (ImageNet): {"images": uint8 (K, B, S, S, 3), "labels": (K, B)} split over the devices
     along B, with the normalisation "mean" and "std"; the first `count` of the K batches are trained.
     Flips are drawn on the device from the step, as for device-resident data; the crops were made
-    on the host (sd_jax.input_pipeline)."""
+    on the host (sd_jax.data.input_pipeline)."""
     batch = config.batch_size
     dtype = jnp.dtype(config.dtype)
 

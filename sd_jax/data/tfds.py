@@ -7,7 +7,7 @@ import socket
 
 import numpy as np
 
-from sd_jax.data_files import CIFAR_URL, SVHN_URL, DataError
+from sd_jax.data.files import CIFAR_URL, SVHN_URL, DataError
 
 TFDS_NAMES = {"cifar10": "cifar10", "cifar100": "cifar100", "svhn": "svhn_cropped"}
 DOWNLOAD_HOSTS = {"cifar10": ("www.cs.toronto.edu", CIFAR_URL), "cifar100": ("www.cs.toronto.edu", CIFAR_URL),

@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sd_jax.survival import scaled_survival
+from sd_jax.layers.survival import scaled_survival
 
 DROP_MODES = ("block", "sample")
 

@@ -7,10 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sd_jax.batch_norm import BatchNorm
-from sd_jax.conv import Conv3x3
-from sd_jax.survival import survival_probabilities
-from sd_jax.stochastic_depth import StochasticDepth
+from sd_jax.layers.batch_norm import BatchNorm
+from sd_jax.layers.conv import Conv3x3
+from sd_jax.layers.survival import survival_probabilities
+from sd_jax.layers.stochastic_depth import StochasticDepth
 
 STAGE_FEATURES = (16, 32, 64)
 BN_SCALE_INITS = ("uniform", "ones")

@@ -2,7 +2,7 @@
 ImageFolder on disk, or synthetic JPEGs.
 
 Too large for the accelerator (about 1.28M JPEGs, ~150 GB), ImageNet stays a list of where each
-encoded image comes from and its label; `sd_jax.input_pipeline` decodes and crops them on the host.
+encoded image comes from and its label; `sd_jax.data.input_pipeline` decodes and crops them on the host.
 Labels are indices into the 1000 sorted WordNet ids, which is the order of tensorflow-datasets'
 `imagenet2012` label names and of torchvision's ImageFolder over the full train directory, so the
 sources and pretrained torchvision weights agree on what label 7 means.
@@ -14,9 +14,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from sd_jax.data import default_data_dir
-from sd_jax.data_files import DataError
-from sd_jax.data_tfds import import_tfds
+from sd_jax.data.cifar_svhn import default_data_dir
+from sd_jax.data.files import DataError
+from sd_jax.data.tfds import import_tfds
 
 NUM_CLASSES = 1000
 TRAIN_IMAGES, VAL_IMAGES = 1_281_167, 50_000

@@ -8,7 +8,7 @@ import subprocess
 import jax
 
 import sd_jax
-from sd_jax import compiler
+from sd_jax.training import compiler
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint")
 # Signs of an accelerator on the machine, whatever JAX sees: device files and the variables that

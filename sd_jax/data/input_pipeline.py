@@ -13,8 +13,8 @@ batch: disjoint, and together the whole batch.
 import numpy as np
 import tensorflow as tf
 
-from sd_jax.data_files import DataError
-from sd_jax.imagenet import ImageSplit
+from sd_jax.data.files import DataError
+from sd_jax.data.imagenet import ImageSplit
 
 tf.config.set_visible_devices([], "GPU")  # keep TensorFlow off the accelerators JAX uses
 

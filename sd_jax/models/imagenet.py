@@ -6,7 +6,7 @@ bottleneck blocks (1x1, 3x3 with the stride, 1x1 to 4x the width); a projection 
 + BN) on the first block of every stage, where the shape changes; global average pool, fully
 connected. BatchNorm momentum 0.1 (PyTorch sense), epsilon 1e-5; no conv bias; conv weights He
 normal over fan_out as torchvision initialises them. The stage machinery, the block wrapper and the
-BatchNorm settings are the CIFAR model's (sd_jax.models).
+BatchNorm settings are the CIFAR model's (sd_jax.models.cifar).
 """
 import functools
 from typing import Any, Optional
@@ -15,9 +15,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from sd_jax.models import Stage, batch_norm, classifier
-from sd_jax.stochastic_depth import identity
-from sd_jax.survival import survival_probabilities
+from sd_jax.models.cifar import Stage, batch_norm, classifier
+from sd_jax.layers.stochastic_depth import identity
+from sd_jax.layers.survival import survival_probabilities
 
 STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 STAGE_WIDTHS = (64, 128, 256, 512)
@@ -32,7 +32,7 @@ def stage_blocks(depth: int) -> tuple:
 
 
 def stage_sizes(depth: int) -> dict:
-    """{stage name: blocks} for the layout converters (sd_jax.models.stack_blocks)."""
+    """{stage name: blocks} for the layout converters (sd_jax.models.cifar.stack_blocks)."""
     return {f"layer{s + 1}": n for s, n in enumerate(stage_blocks(depth))}
 
 

@@ -1,6 +1,6 @@
 """Datasets as uint8 NHWC arrays with fixed train/validation/test splits, loaded once on the host.
 
-The training loop puts them on the accelerator whole; see `sd_jax.augment` for what happens there.
+The training loop puts them on the accelerator whole; see `sd_jax.data.augment` for what happens there.
 """
 import dataclasses
 import logging
@@ -9,9 +9,9 @@ from typing import Callable, Dict
 
 import numpy as np
 
-from sd_jax.data_files import CIFAR_LAYOUTS, DataError, check_arrays, read_cifar, read_svhn
-from sd_jax.data_tfds import read_tfds
-from sd_jax.records import write_atomic
+from sd_jax.data.files import CIFAR_LAYOUTS, DataError, check_arrays, read_cifar, read_svhn
+from sd_jax.data.tfds import read_tfds
+from sd_jax.training.records import write_atomic
 
 log = logging.getLogger(__name__)
 

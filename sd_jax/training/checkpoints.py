@@ -15,7 +15,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from sd_jax import records
+from sd_jax.training import records
 
 LATEST, BEST = "latest", "best"
 META_KEYS = ("epoch", "step", "val_error")
