@@ -24,9 +24,11 @@ IGNORED_SUFFIXES = (".num_batches_tracked",)
 
 
 def _to_numpy(value):
+    """float32, or float64 when given float64 (for a float64 model under jax_enable_x64)."""
     if hasattr(value, "detach"):  # a torch tensor
         value = value.detach().cpu().numpy()
-    return np.asarray(value, np.float32)
+    value = np.asarray(value)
+    return value if value.dtype == np.float64 else value.astype(np.float32)
 
 
 CONV = lambda w: w.transpose(2, 3, 1, 0)  # noqa: E731 - OIHW -> HWIO

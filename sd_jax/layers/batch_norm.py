@@ -5,6 +5,8 @@ which is wrong when the devices hold different numbers of real images (the last,
 an epoch). Here the statistics are sums and counts added over the devices, so every real image
 weighs the same wherever it sits. Without a mask the arithmetic is Flax's (E[x], E[x^2], variance
 clipped at 0), and the variables have Flax's names and shapes, so checkpoints are interchangeable.
+The statistics are computed, and kept, in at least float32 and in float64 for a float64 input or
+model, as Flax's `BatchNorm` computes them (`promote_types(dtype, float32)`).
 """
 from typing import Any, Callable, Optional
 
@@ -16,14 +18,19 @@ MOMENTUM = 0.9  # running = MOMENTUM * running + (1 - MOMENTUM) * batch: Torch/P
 EPSILON = 1e-5
 
 
+def at_least_float32(dtype):
+    """The dtype of averages (BatchNorm statistics, pooling): float32 for bfloat16 and float32, float64 when given."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def _sums(x, mask, axis_name):
     """(sum x, sum x^2, count) over batch and space, masked per example, added over `axis_name`."""
     axes = tuple(range(x.ndim - 1))
     if mask is None:
-        count = jnp.float32(x.size // x.shape[-1])
+        count = jnp.asarray(x.size // x.shape[-1], x.dtype)
         sums = jnp.stack([jnp.sum(x, axes), jnp.sum(x * x, axes)])
     else:
-        weights = mask.astype(jnp.float32).reshape((-1,) + (1,) * (x.ndim - 1))
+        weights = mask.astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
         count = jnp.sum(weights) * (x.size // (x.shape[0] * x.shape[-1]))
         sums = jnp.stack([jnp.sum(x * weights, axes), jnp.sum(x * x * weights, axes)])
     if axis_name is not None:
@@ -33,7 +40,7 @@ def _sums(x, mask, axis_name):
 
 def batch_moments(x, mask=None, axis_name=None):
     """Mean and (biased) variance per channel of NHWC `x` over the examples where `mask` is true."""
-    x = x.astype(jnp.float32)
+    x = x.astype(at_least_float32(x.dtype))
     if mask is None and axis_name is None:  # Flax's own reduction order: identical results
         mean, mean_sq = jnp.mean(x, tuple(range(x.ndim - 1))), jnp.mean(x * x, tuple(range(x.ndim - 1)))
     else:
@@ -61,9 +68,9 @@ class BatchNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask=None):
-        features = (x.shape[-1],)
-        running_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(features, jnp.float32))
-        running_var = self.variable("batch_stats", "var", lambda: jnp.ones(features, jnp.float32))
+        features, stats_dtype = (x.shape[-1],), at_least_float32(self.dtype)
+        running_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(features, stats_dtype))
+        running_var = self.variable("batch_stats", "var", lambda: jnp.ones(features, stats_dtype))
         scale = self.param("scale", self.scale_init, features, jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, features, jnp.float32)
         if self.use_running_average:
@@ -71,7 +78,8 @@ class BatchNorm(nn.Module):
         else:
             mean, var = batch_moments(x, mask, self.axis_name)
             if not self.is_initializing():
-                running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
-                running_var.value = self.momentum * running_var.value + (1 - self.momentum) * var
+                update = lambda running, batch: (self.momentum * running + (1 - self.momentum) * batch).astype(running.dtype)
+                running_mean.value = update(running_mean.value, mean)
+                running_var.value = update(running_var.value, var)
         y = (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
         return jnp.asarray(y, self.dtype)

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sd_jax.layers.batch_norm import BatchNorm
+from sd_jax.layers.batch_norm import BatchNorm, at_least_float32
 from sd_jax.layers.conv import Conv3x3
 from sd_jax.layers.survival import survival_probabilities
 from sd_jax.layers.stochastic_depth import StochasticDepth
@@ -227,7 +227,7 @@ class ResNetCIFAR(nn.Module):
             x = Stage(branch(stride), shortcut(stride), branch(1), shortcut(1), tuple(probs[s * n:(s + 1) * n]),
                       train, self.drop_mode, self.scan_blocks, self.gate_certain_blocks,
                       name=f"stage{s + 1}")(x, drop_scale, mask)
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        x = jnp.mean(x.astype(at_least_float32(x.dtype)), axis=(1, 2))
         return classifier(self.num_classes, STAGE_FEATURES[-1], self.classifier_init)(x)
 
 
