@@ -58,11 +58,11 @@ def test_partial_last_batch_shared_unevenly_matches_single_device(tmp_path):
 
 
 def test_per_device_gates_differ_and_still_skip_compute(tmp_path):
-    shared = worker("gates", tmp_path, 2, "depth=20")["gates"]
+    shared = worker("gates", tmp_path, 2, "depth=8")["gates"]
     assert all(step[0] == step[1] for step in shared)
-    per_device = worker("gates", tmp_path, 2, "depth=20", "drop_gates=per_device")["gates"]
+    per_device = worker("gates", tmp_path, 2, "depth=8", "drop_gates=per_device")["gates"]
     assert any(step[0] != step[1] for step in per_device)
-    counts = worker("conditionals", tmp_path, 2, "depth=20", "drop_gates=per_device")
+    counts = worker("conditionals", tmp_path, 2, "depth=8", "drop_gates=per_device")
     assert counts["conditionals"] == 2 * counts["blocks"]  # a cond per block, forward and backward
 
 
