@@ -3,7 +3,8 @@
 
 Exit codes (docs/runs.md, "Command line"): 0 done; 1 an unexpected error (a bug: the traceback is printed);
 2 bad input, found before anything is written (usage, config, workdir, data, a missing file);
-3 the work failed on the way (the training loss diverged, no checkpoint could be read).
+3 the work failed on the way (the training loss diverged, no checkpoint could be read);
+128 + the signal's number (143 SIGTERM, 130 SIGINT): stopped by a signal after checkpointing the step reached.
 """
 import argparse
 import logging
@@ -16,10 +17,12 @@ from sd_jax.config import ConfigError, load_config
 from sd_jax.data.files import DataError
 from sd_jax.training.records import WorkdirError
 from sd_jax.training.loop import TrainingDiverged
+from sd_jax.training.preemption import Preempted
 
 EXIT_BAD_INPUT, EXIT_FAILED = 2, 3
 EXIT_CODES = ((ConfigError, EXIT_BAD_INPUT), (WorkdirError, EXIT_BAD_INPUT), (DataError, EXIT_BAD_INPUT),
-              (FileNotFoundError, EXIT_BAD_INPUT), (TrainingDiverged, EXIT_FAILED), (CheckpointError, EXIT_FAILED))
+              (FileNotFoundError, EXIT_BAD_INPUT), (TrainingDiverged, EXIT_FAILED), (CheckpointError, EXIT_FAILED),
+              (Preempted, None))  # None: the exception's own exit_code
 CONFIG_OVERRIDE = "--config."
 
 
@@ -63,4 +66,5 @@ def main(arg_parser: argparse.ArgumentParser, run, argv=None, extra_exit_codes=(
         return run(args)
     except tuple(kind for kind, _ in codes) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(next(code for kind, code in codes if isinstance(e, kind)))
+        code = next(code for kind, code in codes if isinstance(e, kind))
+        sys.exit(e.exit_code if code is None else code)

@@ -101,6 +101,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval_batch_size = 1000
     c.eval_every_steps = 0  # 0: evaluate after every epoch; N: every N training steps (the authors' SVHN: 200)
     c.checkpoint_every_epochs = 1
+    c.profile_steps = 0  # N > 0: trace the first N training steps after compilation into <workdir>/profile/
     # JAX's persistent compilation cache: a second start of the same run skips XLA compilation.
     # "" turns it off; JAX_COMPILATION_CACHE_DIR, when set, is used instead.
     c.compilation_cache_dir = "~/.cache/sd_jax/jax"
@@ -260,6 +261,7 @@ def validate(config: ml_collections.ConfigDict, known_datasets, num_devices: int
     _require(config.steps_per_call >= 1, f"steps_per_call={config.steps_per_call} must be >= 1")
     _require(config.checkpoint_every_epochs >= 1,
              f"checkpoint_every_epochs={config.checkpoint_every_epochs} must be >= 1")
+    _require(config.profile_steps >= 0, f"profile_steps={config.profile_steps} must be >= 0 (0: no profile)")
     _require(config.eval_batch_size >= 1, f"eval_batch_size={config.eval_batch_size} must be >= 1")
     _require(isinstance(config.eval_every_steps, int) and config.eval_every_steps >= 0,
              f"eval_every_steps={config.eval_every_steps} must be 0 (after every epoch) or a positive step count")

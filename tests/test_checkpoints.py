@@ -1,11 +1,15 @@
+import gzip
 import json
 import os
+import re
 import signal
+import struct
 import subprocess
 import sys
 import time
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from sd_jax import evaluate
@@ -40,11 +44,57 @@ def train_command(workdir, *extra):
     return [sys.executable, "train.py", *ARGS, "--workdir", str(workdir), *extra]
 
 
-def test_sigkill_mid_run_then_resume_matches_uninterrupted_run(tmp_path):
-    reference = subprocess.run(train_command(tmp_path / "reference"), cwd=ROOT, capture_output=True, text=True,
-                               timeout=600)
-    assert reference.returncode == 0, reference.stderr[-3000:]
+def read_events(workdir) -> dict:
+    """{tag: [(step, value), ...]} of the TensorBoard event files in `workdir`, read from the TFRecord
+    framing (length, its CRC, the Event proto, its CRC) with no TensorBoard code."""
+    from tensorboardX.proto import event_pb2
 
+    scalars, texts = {}, {}
+    for path in sorted(workdir.glob("events.out.tfevents.*")):
+        data, position = path.read_bytes(), 0
+        while position < len(data):
+            (length,) = struct.unpack("<Q", data[position:position + 8])
+            event = event_pb2.Event.FromString(data[position + 12:position + 12 + length])
+            position += 12 + length + 4
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+                elif value.tensor.string_val:
+                    texts[value.tag] = value.tensor.string_val[0].decode()
+    return scalars, texts
+
+
+def assert_events_match_metrics(workdir) -> None:
+    """Every number of every metrics.jsonl line is in TensorBoard once, at its step (as float32, the event format's scalar)."""
+    scalars, texts = read_events(workdir)
+    lines = records.read_metrics(str(workdir))
+    expected = {}
+    for line in lines:
+        for key, value in line.items():
+            if key != "step":
+                expected.setdefault(key, []).append((line["step"], float(np.float32(value))))
+    assert scalars == expected
+    assert json.loads(texts["config/text_summary"].strip("`\n")) == records.read_json(str(workdir), records.CONFIG_FILE)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """The run the interrupted ones must reproduce, never stopped."""
+    workdir = tmp_path_factory.mktemp("reference") / "run"
+    reference = subprocess.run(train_command(workdir), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    return workdir
+
+
+def assert_same_run(workdir, reference) -> None:
+    got, want = records.read_metrics(str(workdir)), records.read_metrics(str(reference))
+    assert [line["epoch"] for line in got] == list(range(1, 9))
+    assert [without_timing(line) for line in got] == [without_timing(line) for line in want]
+    assert (without_timing(records.read_json(str(workdir), records.SUMMARY_FILE))
+            == without_timing(records.read_json(str(reference), records.SUMMARY_FILE)))
+
+
+def test_sigkill_mid_run_then_resume_matches_uninterrupted_run(tmp_path, reference_run):
     workdir = tmp_path / "killed"
     process = subprocess.Popen(train_command(workdir), cwd=ROOT, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
@@ -60,11 +110,40 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted_run(tmp_path):
     resumed = subprocess.run(train_command(workdir), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from the checkpoint of epoch" in resumed.stderr
-    got, want = records.read_metrics(str(workdir)), records.read_metrics(str(tmp_path / "reference"))
-    assert [line["epoch"] for line in got] == list(range(1, 9))
-    assert [without_timing(line) for line in got] == [without_timing(line) for line in want]
-    assert (without_timing(records.read_json(str(workdir), records.SUMMARY_FILE))
-            == without_timing(records.read_json(str(tmp_path / "reference"), records.SUMMARY_FILE)))
+    assert_same_run(workdir, reference_run)
+    assert_events_match_metrics(workdir)
+
+
+def test_sigterm_checkpoints_the_step_reached_and_the_rerun_resumes_exactly(tmp_path, reference_run):
+    """SIGTERM inside an epoch: the call in flight finishes, that step is checkpointed (with the
+    interval's training sums) and the run exits 143; the same command resumes it to the identical
+    metrics, summary and TensorBoard points."""
+    workdir = tmp_path / "stopped"
+    process = subprocess.Popen(train_command(workdir), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    wait_for_metrics(workdir, 3, process)
+    time.sleep(0.15)
+    assert process.poll() is None, "the run finished before it could be stopped"
+    signalled_after = len(records.read_metrics(str(workdir)))
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    stopped_at = int(re.search(r"checkpointed step (\d+)", stderr).group(1))
+    ckpts = checkpoints.Checkpoints(str(workdir))
+    assert ckpts.steps()[-1] == stopped_at
+    meta = ckpts.manager.metrics(stopped_at)
+    ckpts.close()
+    lines = records.read_metrics(str(workdir))
+    assert len(lines) in (signalled_after, signalled_after + 1)  # the call in flight may end an epoch
+    assert lines[-1]["step"] <= stopped_at and meta["step"] == stopped_at
+    if lines[-1]["step"] < stopped_at:  # stopped inside an epoch: its sums so far travel with the checkpoint
+        assert meta["partial"]["totals"]["steps"] == stopped_at - lines[-1]["step"]
+
+    resumed = subprocess.run(train_command(workdir), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"(step {stopped_at})" in resumed.stderr
+    assert_same_run(workdir, reference_run)
+    assert_events_match_metrics(workdir)
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +249,14 @@ def test_evaluate_exit_codes_follow_the_one_table(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main(["--workdir", str(tmp_path / "started")])
     assert exit_info.value.code == 3 and "no latest checkpoint" in capsys.readouterr().err
+
+
+def test_profile_traces_the_first_steps_and_leaves_the_results_unchanged(tmp_path, finished_run):
+    workdir = tmp_path / "profiled"
+    train_and_evaluate(tiny_config(num_epochs=4, profile_steps=4), str(workdir))
+    assert list((workdir / "profile").rglob("*.xplane.pb"))
+    (perfetto,) = (workdir / "profile").rglob("perfetto_trace.json.gz")
+    names = {event.get("name", "") for event in json.loads(gzip.decompress(perfetto.read_bytes()))["traceEvents"]}
+    assert any("multi_step" in name for name in names)  # the jitted training call ran inside the trace
+    got, want = records.read_metrics(str(workdir)), records.read_metrics(finished_run)
+    assert [without_timing(line) for line in got] == [without_timing(line) for line in want]

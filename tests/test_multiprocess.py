@@ -1,6 +1,7 @@
 """Multi-process training, proven on this machine: two train.py processes joined by
 jax.distributed (localhost coordinator, CPU collectives over gloo), one CPU device each."""
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -17,8 +18,8 @@ from tests.conftest import ROOT
 from tests.test_checkpoints import wait_for_metrics, without_timing
 from tests.test_training import tiny_config
 
-SETTINGS = dict(num_epochs=4, compilation_cache_dir="")
-OVERRIDES = ["--config.dataset=synthetic", "--config.depth=8", "--config.num_epochs=4", "--config.lr_boundaries=(2,)",
+SETTINGS = dict(num_epochs=10, compilation_cache_dir="")  # long enough for a stop signal to act
+OVERRIDES = ["--config.dataset=synthetic", "--config.depth=8", "--config.num_epochs=10", "--config.lr_boundaries=(2,)",
              "--config.steps_per_call=3", "--config.eval_batch_size=100", "--config.compilation_cache_dir="]
 
 
@@ -65,13 +66,13 @@ def test_two_processes_train_as_one(pair_run, single_run):
     workdir, (primary_log, other_log) = pair_run
     single = single_run
     got, want = records.read_metrics(str(workdir)), records.read_metrics(single)
-    assert [line["step"] for line in got] == [line["step"] for line in want] == [8, 16, 24, 32]  # one writer
+    assert [line["step"] for line in got] == [line["step"] for line in want] == [8 * epoch for epoch in range(1, 11)]  # one writer
     for a, b in zip(got, want):  # the same run up to float summation order across the two devices
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
         assert abs(a["val_error"] - b["val_error"]) <= 100 / 256 and abs(a["test_error"] - b["test_error"]) <= 100 / 256
     summary = records.read_json(str(workdir), records.SUMMARY_FILE)
     assert (summary["provenance"]["process_count"], summary["provenance"]["device_count"]) == (2, 2)
-    assert "epoch 4/4" in primary_log and "epoch 4/4" not in other_log  # only process 0 logs progress
+    assert "epoch 10/10" in primary_log and "epoch 10/10" not in other_log  # only process 0 logs progress
 
 
 def test_checkpoint_of_two_processes_restores_in_one(pair_run, single_run):
@@ -83,7 +84,7 @@ def test_checkpoint_of_two_processes_restores_in_one(pair_run, single_run):
         ckpts = checkpoints.Checkpoints(path)
         state, meta = ckpts.restore(experiment.state)
         ckpts.close()
-        assert meta["step"] == int(state.step) == 32
+        assert meta["step"] == int(state.step) == 80
         restored[name] = jax.device_get(state.params)
     for a, b in zip(jax.tree.leaves(restored["pair"]), jax.tree.leaves(restored["single"])):
         np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-4)
@@ -102,6 +103,27 @@ def test_sigkill_of_one_process_then_restart_of_both_resumes_exactly(pair_run, t
     assert not (workdir / records.SUMMARY_FILE).exists()
     primary_log, _ = finish(start_pair(workdir))
     assert "resuming from the checkpoint of epoch" in primary_log
+    got, want = records.read_metrics(str(workdir)), records.read_metrics(str(reference))
+    assert [without_timing(line) for line in got] == [without_timing(line) for line in want]
+    assert (without_timing(records.read_json(str(workdir), records.SUMMARY_FILE))
+            == without_timing(records.read_json(str(reference), records.SUMMARY_FILE)))
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step_and_the_rerun_resumes_exactly(pair_run, tmp_path):
+    """A preemption notice that reaches one host: JAX's preemption service agrees on a step, both
+    processes checkpoint it and exit 143; starting both again resumes to the uninterrupted run."""
+    reference, _ = pair_run
+    workdir = tmp_path / "stopped"
+    first, second = start_pair(workdir)
+    wait_for_metrics(workdir, 2, first)
+    assert first.poll() is None and second.poll() is None, "the job ended before it could be stopped"
+    second.send_signal(signal.SIGTERM)
+    logs = [p.communicate(timeout=300)[1] for p in (first, second)]
+    assert [p.returncode for p in (first, second)] == [128 + signal.SIGTERM] * 2, logs[0][-2000:] + logs[1][-2000:]
+    (step,) = {int(re.search(r"stopped by SIGTERM at step (\d+)", log).group(1)) for log in logs}
+    assert not (workdir / records.SUMMARY_FILE).exists()
+    primary_log, _ = finish(start_pair(workdir))
+    assert f"(step {step})" in primary_log
     got, want = records.read_metrics(str(workdir)), records.read_metrics(str(reference))
     assert [without_timing(line) for line in got] == [without_timing(line) for line in want]
     assert (without_timing(records.read_json(str(workdir), records.SUMMARY_FILE))

@@ -62,6 +62,17 @@ class Checkpoints:
         self.manager.save(line["step"], args=ocp.args.Composite(state=ocp.args.StandardSave(_state_tree(state))),
                           metrics={key: line[key] for key in META_KEYS})
 
+    def save_interrupted(self, state, epoch, partial: dict) -> None:
+        """Checkpoint `state` between evaluations, when a signal stops the run (nothing if this step is
+        saved already). `partial` carries the evaluation interval's training sums so far, so the
+        resumed run writes the same metrics line; an infinite val_error is never the best."""
+        step = int(state.step)
+        if step in self.manager.all_steps():
+            return
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_state_tree(state))),
+                          metrics={"epoch": epoch, "step": step, "val_error": float("inf"), "partial": partial},
+                          force=True)
+
     def steps(self, which: str = LATEST) -> list:
         """The kept steps, oldest first (LATEST: all of them, the newest last); BEST: the best one's."""
         steps = sorted(self.manager.all_steps())

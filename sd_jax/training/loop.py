@@ -2,6 +2,7 @@
 up to each evaluation, evaluate, record and log, and write the summary (`train_and_evaluate`)."""
 import logging
 import time
+from typing import Optional
 
 import jax
 import ml_collections
@@ -10,6 +11,9 @@ import numpy as np
 from sd_jax.data import cifar_svhn
 
 from sd_jax.training import checkpoints, compiler, parallel, provenance, records
+from sd_jax.training.events import EventLog
+from sd_jax.training.preemption import Preempted, StopSignals
+from sd_jax.training.profiling import StepProfiler
 from sd_jax.config import resolve_convention, resolve_platform_defaults, validate
 from sd_jax.models.cifar import count_params
 from sd_jax.training.experiment import Experiment, make_experiment
@@ -38,25 +42,33 @@ def epoch_of(step: int, steps_per_epoch: int):
 
 
 class Trainer:
-    """The phases of a run after setup: train up to the next evaluation, evaluate, record, log."""
+    """The phases of a run after setup: train up to the next evaluation, evaluate, record, log;
+    stop at a signal with a checkpoint of the step reached."""
 
-    def __init__(self, experiment: Experiment, workdir: records.Workdir, ckpts: checkpoints.Checkpoints, feed):
+    def __init__(self, experiment: Experiment, workdir: records.Workdir, ckpts: checkpoints.Checkpoints, feed,
+                 events: EventLog, stop_signals: StopSignals, profiler: StepProfiler):
         self.experiment, self.config, self.plan = experiment, experiment.config, experiment.plan
         self.workdir, self.ckpts, self.feed = workdir, ckpts, feed
+        self.events, self.stop_signals, self.profiler = events, stop_signals, profiler
         self.schedule = learning_rate_schedule(self.config, self.plan.steps_per_epoch)
+        self.calls = 0
 
-    def train_until(self, state: TrainState, stop: int):
+    def train_until(self, state: TrainState, stop: int, totals: dict):
         """Train from `state.step` up to global step `stop` in chunks of at most `steps_per_call`
-        steps that never cross an epoch's end; (state, summed train metrics)."""
+        steps that never cross an epoch's end, adding the train metrics to `totals`; (state, totals,
+        whether a signal asked to stop: then `state.step` may fall short of `stop`). A chunk's
+        length depends only on the step it starts from, so a run resumed at a chunk's boundary
+        runs the same chunks as one never stopped."""
         spe, total = self.plan.steps_per_epoch, self.plan.total_steps
-        totals = dict.fromkeys(TRAIN_METRICS, 0.0)
         step, last_log = int(state.step), time.perf_counter()
-        started = last_log
-        while step < stop:
+        started, stopped = last_log, False
+        while step < stop and not stopped:
             epoch, first = step // spe + 1, step % spe
             count = min(self.config.steps_per_call, stop - step, spe - first)
+            self.profiler.before_call()
             state, sums = self.feed.train(state, epoch, first, count)
             sums = {k: float(v) for k, v in jax.device_get(sums).items()}
+            self.profiler.after_call(state, count)
             if not np.isfinite(sums["loss"]):
                 raise TrainingDiverged(
                     f"training loss became {sums['loss']} in epoch {epoch}, steps {first + 1}-{first + count} "
@@ -64,12 +76,14 @@ class Trainer:
                     "Lower learning_rate (and start over with --restart) or check the data")
             totals = {k: totals[k] + sums[k] for k in totals}
             step += count
+            self.calls += 1
+            stopped = self.stop_signals.should_stop(self.calls)
             if time.perf_counter() - last_log > 30 and step < stop:
                 last_log = time.perf_counter()
                 log.info("epoch %d: step %d/%d (%d/%d in all), loss %.4f, %.0f img/s", epoch,
                          step - (epoch - 1) * spe, spe, step, total, totals["loss"] / totals["images"],
                          totals["images"] / (last_log - started))
-        return state, totals
+        return state, totals, stopped
 
     def evaluate(self, state: TrainState, totals: dict, lr: float, seconds: float) -> dict:
         """One line of metrics.jsonl: training metrics since the previous line, then evaluation."""
@@ -106,23 +120,46 @@ class Trainer:
                  line["test_error"], top5, line["lr"], line["epoch_time_s"], line["images_per_s"],
                  line["mean_active_blocks"], self.plan.model.num_blocks)
 
-    def fit(self, state: TrainState, history: list) -> TrainState:
-        """Train from `state.step` to the end, evaluating, recording and logging at every evaluation step."""
+    def fit(self, state: TrainState, history: list, partial: Optional[dict] = None) -> TrainState:
+        """Train from `state.step` to the end, evaluating, recording and logging at every evaluation
+        step. `partial`: the training sums and seconds of the interval a stopped run was inside
+        (its checkpoint's). A stop signal ends it with a checkpoint of the step reached and raises
+        `Preempted`; the checkpoint is written whole before this returns or raises."""
+        stops = evaluation_steps(self.plan.total_steps, self.plan.steps_per_epoch, self.config.eval_every_steps)
         try:
-            for stop in evaluation_steps(self.plan.total_steps, self.plan.steps_per_epoch,
-                                         self.config.eval_every_steps):
+            for begin, stop in zip([0] + stops[:-1], stops):
                 if stop <= int(state.step):
                     continue
-                lr = float(f"{float(self.schedule(int(state.step))):.7g}")  # float32 -> the config's decimal
-                start = time.perf_counter()
-                state, totals = self.train_until(state, stop)
-                line = self.evaluate(state, totals, lr, time.perf_counter() - start)
-                self.record(state, line, history)
-                self.log_line(line)
+                lr = float(f"{float(self.schedule(begin)):.7g}")  # float32 -> the config's decimal
+                resumed_inside = partial is not None and int(state.step) > begin
+                totals = dict(partial["totals"]) if resumed_inside else dict.fromkeys(TRAIN_METRICS, 0.0)
+                start = time.perf_counter() - (partial["seconds"] if resumed_inside else 0.0)
+                state, totals, stopped = self.train_until(state, stop, totals)
+                seconds = time.perf_counter() - start
+                if int(state.step) == stop:
+                    line = self.evaluate(state, totals, lr, seconds)
+                    self.record(state, line, history)
+                    self.events.write(line)
+                    self.log_line(line)
+                    totals, seconds = dict.fromkeys(TRAIN_METRICS, 0.0), 0.0
+                if stopped:
+                    self.stop(state, totals, seconds)
         finally:
             self.ckpts.wait()
             self.ckpts.close()
+            self.events.close()
+            self.profiler.close()
         return state
+
+    def stop(self, state: TrainState, totals: dict, seconds: float) -> None:
+        """Checkpoint the step a stop signal left the run at, with the interval's sums, and raise `Preempted`."""
+        step = int(state.step)
+        self.ckpts.save_interrupted(state, epoch_of(step, self.plan.steps_per_epoch),
+                                    {"totals": totals, "seconds": seconds})
+        self.ckpts.wait()
+        log.warning("checkpointed step %d (epoch %s); run the same command again to resume", step,
+                    epoch_of(step, self.plan.steps_per_epoch))
+        raise Preempted(self.stop_signals.received, step)
 
 
 def warn_if_accelerator_idle() -> None:
@@ -146,13 +183,15 @@ def log_start(experiment: Experiment, ran_on: dict) -> None:
 
 
 def resume(experiment: Experiment, workdir: records.Workdir, ckpts: checkpoints.Checkpoints):
-    """(state, metrics history) to continue from: the latest checkpoint's, or the initial state."""
-    state = experiment.state
+    """(state, metrics history, the interrupted interval's sums or None) to continue from: the
+    latest checkpoint's, or the initial state."""
+    state, partial = experiment.state, None
     restored = ckpts.restore(state)
     if restored is not None:
         state, meta = restored
+        partial = meta.get("partial")
         log.info("resuming from the checkpoint of epoch %s (step %d)", meta["epoch"], int(state.step))
-    return state, workdir.truncate_metrics(int(state.step))
+    return state, workdir.truncate_metrics(int(state.step)), partial
 
 
 def compile_steps(experiment: Experiment, state: TrainState):
@@ -199,7 +238,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, restart:
     ran_on = provenance.provenance()  # once: it asks git for the commit
     log_start(experiment, ran_on)
     ckpts = checkpoints.Checkpoints(workdir)
-    state, history = resume(experiment, run_files, ckpts)
-    feed, compile_s = compile_steps(experiment, state)
-    Trainer(experiment, run_files, ckpts, feed).fit(state, history)
+    with StopSignals() as stop_signals:
+        state, history, partial = resume(experiment, run_files, ckpts)
+        events = EventLog(workdir, parallel.is_primary(), config, history)
+        feed, compile_s = compile_steps(experiment, state)
+        trainer = Trainer(experiment, run_files, ckpts, feed, events, stop_signals,
+                          StepProfiler(workdir, config.profile_steps))
+        trainer.fit(state, history, partial)
     return finish(experiment, run_files, history, compile_s, wall_start, ran_on)

@@ -32,7 +32,7 @@ def package_version(name: str):
 def git_commit():
     """The commit of the checkout sd_jax runs from ("-dirty" with uncommitted changes to tracked
     files); None when it is not run from a git checkout (an installed package)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(sd_jax.__file__)))  # the checkout holding sd_jax/
 
     def git(*args):
         return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=30)
