@@ -5,15 +5,15 @@
 # 0.9, weight decay 1e-4 on every parameter (optim.sgd over getParameters()), lr 0.1 multiplied by
 # 0.1 every 30 epochs (`0.1^floor((epoch - 1) / 30)`), so at 1e-4 from epoch 91 of 120; the model is
 # its ResNet-152 (stride on the 3x3 conv, projection shortcuts where the shape changes, conv init
-# normal(0, sqrt(2 / (k*k*out)))), which sd_jax.models.imagenet builds in torchvision's layout.
+# normal(0, sqrt(2 / (k*k*out)))), which sd_jax.models.imagenet builds in torchvision's layout;
+# the augmentation is its datasets/imagenet.lua's: random-resized crop, colour jitter 0.4
+# (brightness, contrast, saturation in random order), PCA lighting 0.1, normalisation, flip.
 # Left open by the paper, chosen here:
 #   - batch 128 at lr 0.1; fb.resnet.torch's README trains batch 256 at lr 0.1, so lr 0.1 at 128
 #     may be twice the linear-scaling value; which the paper ran is not certain.
 #   - dropped projection blocks: the paper does not say. Here they drop like any block (their
 #     projection shortcut still runs and learns, as the authors' skip path always runs); set
 #     drop_downsample_blocks=False to keep them always on.
-#   - not reproduced yet: fb.resnet.torch's colour jitter (0.4) and PCA lighting (0.1) after the
-#     crop and flip (datasets/imagenet.lua); this pipeline crops, flips and normalises only.
 #   - fb.resnet.torch zeroes the classifier bias; torchvision and this model draw it uniform in
 #     +-1/sqrt(2048) (a difference of at most 0.022 per logit at init).
 # Data: data_source "tfds" (the two official tars in <data_dir>/downloads/manual), "files" (an
@@ -41,5 +41,7 @@ def get_config():
     config.weight_decay = 1e-4
     config.partial_last_batch = False  # the host pipeline drops each epoch's last, short batch
     config.image_size = 224
+    config.color_jitter = 0.4
+    config.lighting_std = 0.1
     config.eval_batch_size = 500
     return config

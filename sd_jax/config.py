@@ -97,6 +97,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.conv_grads = "auto"  # resnet_cifar: "explicit" conv backward (fast inside lax.cond on CPU) or "xla"
     c.augment_translate = ml_collections.FieldReference(None, field_type=int)  # px; None -> dataset default
     c.augment_flip = ml_collections.FieldReference(None, field_type=bool)  # None -> dataset default
+    # ImageNet only, on the device after the host's crop (fb.resnet.torch, datasets/imagenet.lua):
+    c.color_jitter = 0.0  # brightness, contrast and saturation factors 1 + U(-x, x) in random order (paper: 0.4)
+    c.lighting_std = 0.0  # AlexNet PCA lighting: N(0, x) per principal component (paper: 0.1)
     c.steps_per_call = 50  # training steps per jitted call
     c.eval_batch_size = 1000
     c.eval_every_steps = 0  # 0: evaluate after every epoch; N: every N training steps (the authors' SVHN: 200)
@@ -261,6 +264,10 @@ def validate(config: ml_collections.ConfigDict, known_datasets, num_devices: int
     _require(config.steps_per_call >= 1, f"steps_per_call={config.steps_per_call} must be >= 1")
     _require(config.checkpoint_every_epochs >= 1,
              f"checkpoint_every_epochs={config.checkpoint_every_epochs} must be >= 1")
+    for key in ("color_jitter", "lighting_std"):
+        _require(config[key] >= 0, f"{key}={config[key]} must be >= 0 (0: off)")
+        _require(not config[key] or host_fed, f"{key}={config[key]} applies to ImageNet's pipeline only "
+                 f"(dataset {HOST_FED_DATASETS}); set it to 0 for {config.dataset!r}")
     _require(config.profile_steps >= 0, f"profile_steps={config.profile_steps} must be >= 0 (0: no profile)")
     _require(config.eval_batch_size >= 1, f"eval_batch_size={config.eval_batch_size} must be >= 1")
     _require(isinstance(config.eval_every_steps, int) and config.eval_every_steps >= 0,

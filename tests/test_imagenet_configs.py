@@ -48,6 +48,8 @@ def test_imagenet_configs_are_complete_and_build_their_model(name):
     assert model.zero_init_last_bn == ("composer" in name)
     assert (config.batch_size, config.num_epochs) == ((1024, 90) if "composer" in name else (128, 120))
     assert config.image_size == 224 and config.partial_last_batch is False
+    # fb.resnet.torch datasets/imagenet.lua: ColorJitter 0.4 and Lighting 0.1 for the paper; composer names neither
+    assert (config.color_jitter, config.lighting_std) == ((0.0, 0.0) if "composer" in name else (0.4, 0.1))
 
 
 def fb_resnet_torch_lr(epoch: int) -> float:

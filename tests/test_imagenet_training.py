@@ -20,7 +20,8 @@ from tests.test_training import tiny_config
 SMOKE = ["--config", "configs/imagenet_resnet50_composer_sd.py", "--config.data_source=synthetic",
          "--config.synthetic_images=(24,4)", "--config.image_size=32", "--config.batch_size=4",
          "--config.eval_batch_size=4", "--config.num_epochs=3", "--config.lr_warmup_epochs=1",
-         "--config.dtype=float32", "--config.steps_per_call=2", "--config.eval_every_steps=3"]
+         "--config.dtype=float32", "--config.steps_per_call=2", "--config.eval_every_steps=3",
+         "--config.color_jitter=0.4", "--config.lighting_std=0.1"]  # the paper's colour augmentation, resumed too
 
 
 def smoke_command(workdir):

@@ -235,11 +235,14 @@ def test_bench_input_times_the_loader_and_the_host_fed_step(capsys, tmp_path):
     from sd_jax import bench_input  # imports TensorFlow: see the `ip` fixture
 
     bench_input.main(["--images", "16", "--image-size", "32", "--batch-size", "4", "--threads", "1,2", "--rounds", "1",
-                      "--end-to-end", "--steps-per-call", "2", "--calls", "1", "--dir", str(tmp_path)])
+                      "--end-to-end", "--colour", "both", "--steps-per-call", "2", "--calls", "1",
+                      "--dir", str(tmp_path)])
     *rows, summary = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [(r["measure"], r.get("threads")) for r in rows] == [
-        ("loader", 1), ("loader", 2), ("end_to_end", 2), ("device_resident_step", None)]
+    assert [(r["measure"], r.get("threads"), r.get("colour")) for r in rows] == [
+        ("loader", 1, None), ("loader", 2, None), ("end_to_end", 2, "off"), ("end_to_end", 2, "on"),
+        ("device_resident_step", None, None)]
     assert all(r["images_per_s"] > 0 for r in rows) and rows[0]["batches"] == 3
     assert summary["loader_scaling"] == pytest.approx(rows[1]["images_per_s"] / rows[0]["images_per_s"])
-    assert summary["end_to_end_over_device_step"] == pytest.approx(rows[2]["images_per_s"] / rows[3]["images_per_s"])
+    assert summary["end_to_end_over_device_step"] == pytest.approx(rows[2]["images_per_s"] / rows[4]["images_per_s"])
+    assert summary["colour_on_over_off"] == pytest.approx(rows[3]["images_per_s"] / rows[2]["images_per_s"])
     assert len(imagenet.image_folder(str(tmp_path), "train")) == 16  # the ImageFolder it wrote

@@ -151,6 +151,8 @@ def test_quickstart_writes_its_files_and_reaches_target(tmp_path):
     ("--config.checkpoint_every_epochs=0", "checkpoint_every_epochs"),
     ("--config.lr_warmup_epochs=20", "lr_warmup_epochs"),
     ("--config.data_source=web", "data_source"),
+    ("--config.color_jitter=0.4", "color_jitter=0.4 applies to ImageNet's pipeline only"),
+    ("--config.profile_steps=-1", "profile_steps"),
 ])
 def test_bad_config_values_exit_2_and_write_nothing(tmp_path, override, message):
     workdir = tmp_path / "run"

@@ -129,18 +129,32 @@ HOST_BATCH_SPEC = {"images": PartitionSpec(None, parallel.AXIS), "labels": Parti
                    "mean": PartitionSpec(), "std": PartitionSpec()}
 
 
+COLOUR_DRAWS = 1  # fold_in of the step's augmentation key: the colour draws' own stream
+
+
 def make_host_train_steps(plan: TrainingPlan, config):
     """Jitted (state, host batches, keys, count) -> (state, summed metrics), the batches decoded on
     the host (ImageNet): {"images": uint8 (K, B, S, S, 3), "labels": (K, B)} split over the devices
     along B, with the normalisation "mean" and "std"; the first `count` of the K batches are trained.
-    Flips are drawn on the device from the step, as for device-resident data; the crops were made
-    on the host (sd_jax.data.input_pipeline)."""
+    Flips, and the colour jitter and PCA lighting when configured, are drawn on the device from
+    the step, as for device-resident data; the crops were made on the host
+    (sd_jax.data.input_pipeline)."""
     batch = config.batch_size
     dtype = jnp.dtype(config.dtype)
+    recolour = bool(config.color_jitter or config.lighting_std)
 
     def batch_of(i, step, host, keys):
-        flips = augment.random_draws(jax.random.fold_in(keys["augment"], step), batch, 0, plan.flip)["flips"]
-        images = augment.normalize(host["images"][i], host["mean"], host["std"], dtype)
+        step_key = jax.random.fold_in(keys["augment"], step)
+        flips = augment.random_draws(step_key, batch, 0, plan.flip)["flips"]
+        images = augment.to_unit(host["images"][i])
+        if recolour:  # fb.resnet.torch's order: crop, colour jitter, lighting, normalise, flip
+            draws = augment.colour_draws(jax.random.fold_in(step_key, COLOUR_DRAWS), batch, config.color_jitter,
+                                         config.lighting_std)
+            draws = jax.tree.map(lambda x: this_devices_share(x, batch, plan.mesh), draws)
+            if config.color_jitter:
+                images = augment.colour_jitter(images, draws["order"], draws["factors"])
+            images = augment.lighting(images, draws["lighting"])
+        images = augment.standardize(images, host["mean"], host["std"], dtype)
         images = augment.flip(images, this_devices_share(flips, batch, plan.mesh))
         return images, host["labels"][i], None, jnp.float32(batch)
 
