@@ -66,8 +66,9 @@ class Trainer:
             epoch, first = step // spe + 1, step % spe
             count = min(self.config.steps_per_call, stop - step, spe - first)
             self.profiler.before_call()
-            state, sums = self.feed.train(state, epoch, first, count)
-            sums = {k: float(v) for k, v in jax.device_get(sums).items()}
+            with self.profiler.annotate(step):
+                state, sums = self.feed.train(state, epoch, first, count)
+                sums = {k: float(v) for k, v in jax.device_get(sums).items()}
             self.profiler.after_call(state, count)
             if not np.isfinite(sums["loss"]):
                 raise TrainingDiverged(

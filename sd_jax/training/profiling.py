@@ -3,7 +3,8 @@ before the first training call after compilation and stops once N steps have run
 whole calls (`steps_per_call` steps each), so the run's arithmetic is untouched. Written to
 `<workdir>/profile/`: TensorBoard's profile plugin reads it (`tensorboard --logdir
 <workdir>/profile`, with `pip install tensorboard-plugin-profile`), and its
-`perfetto_trace.json.gz` opens at https://ui.perfetto.dev."""
+`perfetto_trace.json.gz` opens at https://ui.perfetto.dev. Each training call is one "step" there."""
+import contextlib
 import logging
 import os
 
@@ -25,6 +26,11 @@ class StepProfiler:
         if self.remaining > 0 and not self.running:
             jax.profiler.start_trace(self.directory, create_perfetto_trace=True)
             self.running = True
+
+    def annotate(self, step: int):
+        """A context marking one training call (its first step's number) in the trace, so the
+        profile's step-time views see calls as steps; nothing when not tracing."""
+        return jax.profiler.StepTraceAnnotation("train", step_num=step) if self.running else contextlib.nullcontext()
 
     def after_call(self, state, count: int) -> None:
         """`count` steps have run into `state`; stop the trace once enough have."""
