@@ -57,10 +57,13 @@ class Checkpoints:
                 preservation_policy=policy, cleanup_tmp_directories=True,
                 best_fn=lambda meta: meta["val_error"], best_mode="min"))  # best_fn: orbax writes metrics only with one
 
+    def _write(self, step: int, state, metrics: dict, **options) -> None:
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_state_tree(state))),
+                          metrics=metrics, **options)
+
     def save(self, state, line: dict) -> None:
         """Start writing a checkpoint of `state`, evaluated as metrics `line`, in the background."""
-        self.manager.save(line["step"], args=ocp.args.Composite(state=ocp.args.StandardSave(_state_tree(state))),
-                          metrics={key: line[key] for key in META_KEYS})
+        self._write(line["step"], state, {key: line[key] for key in META_KEYS})
 
     def save_interrupted(self, state, epoch, partial: dict) -> None:
         """Checkpoint `state` between evaluations, when a signal stops the run (nothing if this step is
@@ -69,9 +72,8 @@ class Checkpoints:
         step = int(state.step)
         if step in self.manager.all_steps():
             return
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_state_tree(state))),
-                          metrics={"epoch": epoch, "step": step, "val_error": float("inf"), "partial": partial},
-                          force=True)
+        self._write(step, state, {"epoch": epoch, "step": step, "val_error": float("inf"), "partial": partial},
+                    force=True)
 
     def steps(self, which: str = LATEST) -> list:
         """The kept steps, oldest first (LATEST: all of them, the newest last); BEST: the best one's."""
