@@ -1,5 +1,7 @@
-"""Benchmark ImageNet's host side: the loader alone (images/s against tf.data threads), and end to
-end (the host-fed training call) against the same train step on device-resident data.
+"""Benchmark ImageNet's input: the host loader alone (images/s against tf.data threads), the
+device's share of the augmentation alone (with and without the paper's colour jitter and PCA
+lighting), and end to end (the host-fed training call) against the same train step on
+device-resident data.
 
     python -m sd_jax.bench_input [--images 512] [--image-size 224] [--batch-size 32] [--threads 1,2]
         [--end-to-end] [--colour off|on|both] [--depth 50] [--p-last 0.8] [--steps-per-call 4] [--calls 3]
@@ -17,10 +19,11 @@ import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 
 from sd_jax import bench, cli
 
-from sd_jax.data import imagenet, input_pipeline
+from sd_jax.data import augment, imagenet, input_pipeline
 
 from sd_jax.training import provenance
 from sd_jax.config import ConfigError, load_config, resolve_convention
@@ -75,11 +78,44 @@ def host_fed_feed(args, root: str, threads: int, colour: str):
     return feed, experiment
 
 
+def colour_settings(args) -> list:
+    """The colour settings `--colour` asks to time: "off", "on" or both."""
+    return ["off", "on"] if args.colour == "both" else [args.colour]
+
+
+AUGMENT_CALLS = 20
+
+
+def device_augment_rate(args, colour: str) -> dict:
+    """The device's share of ImageNet's augmentation alone, jitted, on one batch of uint8 crops at
+    the benchmark's size: to [0, 1], the colour jitter and PCA lighting when `colour` is "on", and
+    the normalisation; images/s, median over AUGMENT_CALLS calls after one warm-up."""
+    settings = COLOUR[colour]
+
+    @jax.jit
+    def augment_batch(images_u8, key):
+        images = augment.to_unit(images_u8)
+        if colour == "on":
+            draws = augment.colour_draws(key, args.batch_size, settings["color_jitter"], settings["lighting_std"])
+            images = augment.recolour(images, draws, jitter=True)
+        return augment.standardize(images, imagenet.MEAN, imagenet.STD, jnp.dtype(args.dtype))
+
+    shape = (args.batch_size, args.image_size, args.image_size, 3)
+    images = jax.random.randint(jax.random.key(0), shape, 0, 256).astype(jnp.uint8)
+    times = []
+    for call in range(AUGMENT_CALLS + 1):
+        start = time.perf_counter()
+        jax.block_until_ready(augment_batch(images, jax.random.key(call)))
+        times.append(time.perf_counter() - start)
+    step = statistics.median(times[1:])
+    return {"measure": "device_augment", "colour": colour, "batch_s_median": step, "images_per_s": args.batch_size / step}
+
+
 def end_to_end(args, root: str, threads: int) -> list:
     """The host-fed training call (decode on the host, step on the device), with and without the
     colour augmentation as `--colour` says, and the same step on device-resident random images,
     timed alternately: images/s of each."""
-    colours = ["off", "on"] if args.colour == "both" else [args.colour]
+    colours = colour_settings(args)
     feeds = {colour: host_fed_feed(args, root, threads, colour) for colour in colours}
     step_args = bench.complete_args(bench.arg_parser().parse_args(
         ["--model", "resnet_imagenet", "--depth", str(args.depth), "--image-size", str(args.image_size),
@@ -120,7 +156,8 @@ def arg_parser():
     parser.add_argument("--calls", type=int, default=3, help="timed training calls (after one warm-up)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--colour", default="off", choices=("off", "on", "both"),
-                        help="end to end: without the paper's colour jitter and PCA lighting, with them, or both")
+                        help="without the paper's colour jitter and PCA lighting, with them, or both: the "
+                             "device's augmentation alone, and end to end with --end-to-end")
     parser.add_argument("--dir", default="", help="where to write the ImageFolder (default: a temporary folder)")
     return parser
 
@@ -135,6 +172,7 @@ def run(args):
         split = write_image_folder(root, "train", args.images)
         write_image_folder(root, "val", args.batch_size)  # the training run's experiment lists it
         rows = [loader_rate(split, args.batch_size, args.image_size, t, args.rounds) for t in threads]
+        rows += [device_augment_rate(args, colour) for colour in colour_settings(args)]
         if args.end_to_end:
             rows += end_to_end(args, root, max(threads))
     for row in rows:
@@ -148,6 +186,11 @@ def run(args):
         summary["end_to_end_over_device_step"] = host_fed.get("off", host_fed.get("on")) / rows[-1]["images_per_s"]
         if len(host_fed) == 2:
             summary["colour_on_over_off"] = host_fed["on"] / host_fed["off"]
+    augmented = {row["colour"]: row["batch_s_median"] for row in rows if row["measure"] == "device_augment"}
+    if len(augmented) == 2:
+        summary["colour_s_per_batch"] = augmented["on"] - augmented["off"]
+        if args.end_to_end:
+            summary["colour_share_of_step"] = summary["colour_s_per_batch"] / rows[-1]["step_s_median"]
     print(json.dumps(summary), flush=True)
     return rows, summary
 

@@ -239,10 +239,14 @@ def test_bench_input_times_the_loader_and_the_host_fed_step(capsys, tmp_path):
                       "--dir", str(tmp_path)])
     *rows, summary = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(r["measure"], r.get("threads"), r.get("colour")) for r in rows] == [
-        ("loader", 1, None), ("loader", 2, None), ("end_to_end", 2, "off"), ("end_to_end", 2, "on"),
-        ("device_resident_step", None, None)]
+        ("loader", 1, None), ("loader", 2, None), ("device_augment", None, "off"), ("device_augment", None, "on"),
+        ("end_to_end", 2, "off"), ("end_to_end", 2, "on"), ("device_resident_step", None, None)]
     assert all(r["images_per_s"] > 0 for r in rows) and rows[0]["batches"] == 3
+    assert rows[2]["images_per_s"] == pytest.approx(4 / rows[2]["batch_s_median"])
     assert summary["loader_scaling"] == pytest.approx(rows[1]["images_per_s"] / rows[0]["images_per_s"])
-    assert summary["end_to_end_over_device_step"] == pytest.approx(rows[2]["images_per_s"] / rows[4]["images_per_s"])
-    assert summary["colour_on_over_off"] == pytest.approx(rows[3]["images_per_s"] / rows[2]["images_per_s"])
+    assert summary["end_to_end_over_device_step"] == pytest.approx(rows[4]["images_per_s"] / rows[6]["images_per_s"])
+    assert summary["colour_on_over_off"] == pytest.approx(rows[5]["images_per_s"] / rows[4]["images_per_s"])
+    colour_s = rows[3]["batch_s_median"] - rows[2]["batch_s_median"]
+    assert summary["colour_s_per_batch"] == pytest.approx(colour_s)
+    assert summary["colour_share_of_step"] == pytest.approx(colour_s / rows[6]["step_s_median"])
     assert len(imagenet.image_folder(str(tmp_path), "train")) == 16  # the ImageFolder it wrote

@@ -110,3 +110,11 @@ def lighting(images, weights):
     sum_j eigenvector_j * weights[i, j] * eigenvalue_j."""
     offsets = (jnp.asarray(PCA_EIGENVECTORS) * (weights[:, None, :] * jnp.asarray(PCA_EIGENVALUES))).sum(-1)
     return images + offsets[:, None, None, :].astype(images.dtype)
+
+
+def recolour(images, draws, jitter: bool):
+    """fb.resnet.torch's colour steps between the crop and the normalisation
+    (datasets/imagenet.lua): ColorJitter when `jitter`, then Lighting, with `colour_draws`' draws."""
+    if jitter:
+        images = colour_jitter(images, draws["order"], draws["factors"])
+    return lighting(images, draws["lighting"])

@@ -151,9 +151,7 @@ def make_host_train_steps(plan: TrainingPlan, config):
             draws = augment.colour_draws(jax.random.fold_in(step_key, COLOUR_DRAWS), batch, config.color_jitter,
                                          config.lighting_std)
             draws = jax.tree.map(lambda x: this_devices_share(x, batch, plan.mesh), draws)
-            if config.color_jitter:
-                images = augment.colour_jitter(images, draws["order"], draws["factors"])
-            images = augment.lighting(images, draws["lighting"])
+            images = augment.recolour(images, draws, bool(config.color_jitter))
         images = augment.standardize(images, host["mean"], host["std"], dtype)
         images = augment.flip(images, this_devices_share(flips, batch, plan.mesh))
         return images, host["labels"][i], None, jnp.float32(batch)
