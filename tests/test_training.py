@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import train
 from sd_jax.training import compiled, compiler, provenance, records
 from sd_jax.config import default_config
 from sd_jax.training.experiment import make_experiment
@@ -141,6 +142,15 @@ def test_quickstart_writes_its_files_and_reaches_target(tmp_path):
     assert ran_on["compiler_options"] == compiler.compiler_options()
 
 
+def train_in_process(capsys, args):
+    """train.py's main in this process (no interpreter start-up: the exit-code checks are many):
+    (exit code, stderr). test_unknown_config_key_or_argument_exits_2_and_writes_nothing runs the
+    same path in a real process."""
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(args)
+    return exit_info.value.code, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("override,message", [
     ("--config.depth=21", "6n+2"),
     ("--config.p_last=0.0", "p_last"),
@@ -154,11 +164,11 @@ def test_quickstart_writes_its_files_and_reaches_target(tmp_path):
     ("--config.color_jitter=0.4", "color_jitter=0.4 applies to ImageNet's pipeline only"),
     ("--config.profile_steps=-1", "profile_steps"),
 ])
-def test_bad_config_values_exit_2_and_write_nothing(tmp_path, override, message):
+def test_bad_config_values_exit_2_and_write_nothing(tmp_path, capsys, override, message):
     workdir = tmp_path / "run"
-    result = run_train(["--config", "configs/quickstart.py", "--workdir", str(workdir), override])
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert message in result.stderr
+    code, stderr = train_in_process(capsys, ["--config", "configs/quickstart.py", "--workdir", str(workdir), override])
+    assert code == 2, stderr[-2000:]
+    assert message in stderr
     assert not workdir.exists()
 
 
@@ -175,14 +185,15 @@ def test_unknown_config_key_or_argument_exits_2_and_writes_nothing(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def test_checks_that_need_the_data_exit_2_and_write_nothing(tmp_path):
+def test_checks_that_need_the_data_exit_2_and_write_nothing(tmp_path, capsys):
     """A batch larger than the training split, or num_classes unlike the dataset's: ConfigError,
     raised after the data is loaded but before the workdir is touched."""
     for override, message in (("--config.batch_size=5000", "batch_size=5000 exceeds the 1300 training images"),
                               ("--config.num_classes=7", "num_classes=7 but digits has 10 classes")):
-        result = run_train(["--config", "configs/quickstart.py", "--workdir", str(tmp_path / "r"), override])
-        assert result.returncode == 2, result.stderr[-2000:]
-        assert message in result.stderr and "Traceback" not in result.stderr
+        code, stderr = train_in_process(capsys, ["--config", "configs/quickstart.py", "--workdir", str(tmp_path / "r"),
+                                                 override])
+        assert code == 2, stderr[-2000:]
+        assert message in stderr and "Traceback" not in stderr
         assert not (tmp_path / "r").exists()
 
 
@@ -202,16 +213,16 @@ def test_a_start_that_failed_before_training_does_not_claim_the_workdir(tmp_path
         workdir.check(tiny_config(data_source="files"), restart=False)
 
 
-def test_unwritable_workdir_and_existing_run(tmp_path):
+def test_unwritable_workdir_and_existing_run(tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    result = run_train(["--config", "configs/quickstart.py", "--workdir", str(blocker / "run")])
-    assert result.returncode == 2 and "not writable" in result.stderr
+    code, stderr = train_in_process(capsys, ["--config", "configs/quickstart.py", "--workdir", str(blocker / "run")])
+    assert code == 2 and "not writable" in stderr
     done = tmp_path / "done"
     done.mkdir()
     (done / records.METRICS_FILE).write_text("{}\n")
-    result = run_train(["--config", "configs/quickstart.py", "--workdir", str(done)])
-    assert result.returncode == 2 and "no config.json" in result.stderr
+    code, stderr = train_in_process(capsys, ["--config", "configs/quickstart.py", "--workdir", str(done)])
+    assert code == 2 and "no config.json" in stderr
     assert (done / records.METRICS_FILE).read_text() == "{}\n"
 
 
