@@ -13,12 +13,6 @@ sys.path.insert(0, ROOT)
 # tpu) runs the suite on an accelerator.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-# The suite starts train.py in ~40 subprocesses that compile the same small programs (key
-# splitting, casts, evaluation helpers) again and again; JAX's persistent cache (the runs' default
-# ~/.cache/sd_jax/jax) keeps only those that took over a second. Keeping all of them saved 2-4 s of
-# each warm start of the quickstart (measured 2026-12-03, docs/performance.md, "The test suite").
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-
 # The ImageNet pipeline tests load TensorFlow into this process, the parity tests PyTorch; PyTorch's
 # triton (loaded by torch._dynamo) segfaults when it comes after TensorFlow, whatever order the
 # tests are selected in. Loading it first, when PyTorch is installed, makes every order safe.
