@@ -1,6 +1,8 @@
 import logging
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
@@ -12,6 +14,14 @@ sys.path.insert(0, ROOT)
 # have, and the failed start unregisters the compile-only GPU target too. JAX_PLATFORMS=cuda (or
 # tpu) runs the suite on an accelerator.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# One persistent compilation cache for the whole session, fresh each time: the pytest workers and
+# every train.py or worker process the tests start share their compiled programs (a resumed run
+# loads what the interrupted one compiled), small ones included, and nothing is written into the
+# user's ~/.cache. The xdist workers inherit the directory the controller made.
+if "PYTEST_XDIST_WORKER" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="sd_jax_tests_jax_cache_")
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 # The ImageNet pipeline tests load TensorFlow into this process, the parity tests PyTorch; PyTorch's
 # triton (loaded by torch._dynamo) segfaults when it comes after TensorFlow, whatever order the
@@ -30,3 +40,21 @@ def restore_package_logger():
     saved = (list(package_log.handlers), package_log.level, package_log.propagate)
     yield
     package_log.handlers[:], package_log.level, package_log.propagate = saved
+
+
+def pytest_sessionfinish(session):
+    """The controller (or a run without xdist) removes the session's compilation cache."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+@pytest.fixture
+def compile_only_targets():
+    """For compilations for a GPU or TPU that is not attached: a compile-only client cannot load a
+    cached program back (JAX warns, then compiles), and the small ones (the compiler-option probe)
+    are compiled more than once, so these tests keep JAX's default threshold of 1 s."""
+    import jax
+
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    yield
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

@@ -18,6 +18,7 @@ from sd_jax.config import load_config
 GPU_COMPILER = any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (12, 13)) \
     if importlib.util.find_spec("jax_plugins") else False
 TPU_COMPILER = importlib.util.find_spec("libtpu") is not None
+pytestmark = pytest.mark.usefixtures("compile_only_targets")
 NEEDS_GPU_COMPILER = pytest.mark.skipif(not GPU_COMPILER, reason='JAX\'s CUDA plugin is not installed: pip install ".[aot-gpu]"')
 NEEDS_TPU_COMPILER = pytest.mark.skipif(not TPU_COMPILER, reason='libtpu is not installed: pip install ".[aot-tpu]"')
 

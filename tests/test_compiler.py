@@ -8,7 +8,9 @@ import pytest
 from sd_jax import targets
 
 from sd_jax.training import compiler
+from sd_jax.training.plan import init_variables, make_model
 from tests import test_aot
+from tests.test_training import tiny_config
 
 CPU_ONLY = pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the XLA:CPU options")
 
@@ -58,13 +60,25 @@ def test_an_option_this_xla_does_not_know_is_dropped_with_a_warning(no_user_flag
     assert float(compiler.jit(jnp.sum)(jnp.arange(4.0))) == 6.0
 
 
+@CPU_ONLY
+def test_the_initialisation_options_give_the_default_compiles_weights_bit_for_bit(no_user_flags):
+    assert compiler.compiler_options(table=compiler.INIT_OPTIONS) == compiler.INIT_OPTIONS["cpu"]
+    model = make_model(tiny_config(), num_classes=10)  # He-normal convs, uniform BN scales and classifier
+    fast = init_variables(model, jax.random.key(3), (32, 32, 3))
+    with compiler.without_options():  # plain jax.jit: XLA's default optimisation level
+        default = init_variables(model, jax.random.key(3), (32, 32, 3))
+    assert jax.tree.structure(fast) == jax.tree.structure(default)
+    for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(default)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_backends_without_options_get_none(no_user_flags):
     tpu = types.SimpleNamespace(platform="tpu")  # the options are chosen by the device's platform
     assert compiler.compiler_options(tpu) == {}
 
 
 @pytest.mark.skipif(not test_aot.GPU_COMPILER, reason='JAX\'s CUDA plugin is not installed: pip install ".[aot-gpu]"')
-def test_a_gpu_device_gets_the_gpu_options_from_a_cpu_process(no_user_flags):
+def test_a_gpu_device_gets_the_gpu_options_from_a_cpu_process(no_user_flags, compile_only_targets):
     """The options follow the device compiled for, not JAX's default backend: sd_jax.aot compiles
     for a GPU that is not attached with the options a GPU run gets."""
     h100 = targets.TARGETS["h100"].devices(1)[0]

@@ -11,7 +11,7 @@ import optax
 from flax.training import train_state
 from jax.sharding import Mesh
 
-from sd_jax.training import parallel
+from sd_jax.training import compiler, parallel
 from sd_jax.config import ConfigError, resolve_convention, resolve_platform_defaults
 from sd_jax.layers.conv import resolve_conv_grads
 from sd_jax.models.cifar import ResNetCIFAR
@@ -131,8 +131,14 @@ def make_plan(config, num_train: int, num_classes: int, translate: int, flip: bo
     )
 
 
+def init_variables(model: nn.Module, key, image_shape, device=None) -> dict:
+    """The model's initial params and batch_stats, compiled with compiler.INIT_OPTIONS."""
+    init = lambda k: model.init(k, jnp.zeros((1,) + tuple(image_shape)))
+    return compiler.jit(init, device=device, table=compiler.INIT_OPTIONS)(key)
+
+
 def make_train_state(key, plan: TrainingPlan, image_shape) -> TrainState:
-    variables = jax.jit(lambda k: plan.model.init(k, jnp.zeros((1,) + tuple(image_shape))))(key)
+    variables = init_variables(plan.model, key, image_shape, plan.mesh.devices.flat[0])
     state = TrainState.create(apply_fn=plan.model.apply, params=variables["params"],
                               batch_stats=variables["batch_stats"], tx=plan.tx)
     return state.replace(step=jnp.zeros((), jnp.int32))
