@@ -294,7 +294,9 @@ def compile_in_child(argv) -> dict:
     it): the report, or an AotFailure naming the signal or the child's last error lines."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "report.json")
-        env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")  # no accelerator is used
+        # No accelerator is used; and no persistent compilation cache: a compile-only client cannot load a
+        # cached program back (JAX warns, then compiles again), so entries for it would only fill the cache.
+        env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", JAX_ENABLE_COMPILATION_CACHE="false")
         child = subprocess.run([sys.executable, "-m", "sd_jax.aot", *argv, WORKER_FLAG, out], env=env,
                                stderr=subprocess.PIPE, text=True)
         if child.returncode == 0 and os.path.exists(out):

@@ -34,6 +34,13 @@ except ImportError:
     pass
 
 
+def forced_host_devices_env(devices: int) -> dict:
+    """This process's environment with XLA_FLAGS forcing `devices` CPU devices, for a process a test
+    starts. Every one-device start sets it too: the compilation cache's key includes the flags, so
+    processes with the same flags share their compiled programs."""
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+
+
 @pytest.fixture(autouse=True)
 def restore_package_logger():
     """Undo what a test's `cli.show_progress()` (the notebooks call it) does to the "sd_jax" logger,
@@ -52,11 +59,13 @@ def pytest_sessionfinish(session):
 
 @pytest.fixture
 def compile_only_targets():
-    """For compilations for a GPU or TPU that is not attached: a compile-only client cannot load a
-    cached program back (JAX warns, then compiles), and the small ones (the compiler-option probe)
-    are compiled more than once, so these tests keep JAX's default threshold of 1 s."""
+    """For tests that compile in this process for a GPU or TPU that is not attached (sd_jax.aot's own
+    child process keeps out of the cache): a compile-only client cannot load a cached program back
+    (JAX warns, then compiles), and the small ones (the compiler-option probe) are compiled more than
+    once, so these tests keep JAX's default threshold of 1 s."""
     import jax
 
+    saved = jax.config.jax_persistent_cache_min_compile_time_secs
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     yield
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", saved)

@@ -99,7 +99,8 @@ def test_a_missing_compiler_says_which_extra_to_install(monkeypatch):
 
 def test_a_compiler_crash_is_reported_with_exit_code_3(tmp_path):
     """The compilation runs in a child process: one that dies of a signal (here the config file
-    kills it, as libtpu's compiler once did) becomes an error line and exit code 3."""
+    kills it, as libtpu's compiler once did) becomes an error line and exit code 3. The child keeps
+    out of JAX's persistent compilation cache (it says so before it dies), even where one is set."""
     config_file = tmp_path / "crash.py"
     config_file.write_text(textwrap.dedent("""\
         import os, signal, sys
@@ -107,6 +108,8 @@ def test_a_compiler_crash_is_reported_with_exit_code_3(tmp_path):
 
         def get_config():
             if "--worker-output" in sys.argv:
+                import jax
+                print("persistent cache:", jax.config.jax_enable_compilation_cache, file=sys.stderr, flush=True)
                 os.kill(os.getpid(), signal.SIGSEGV)
             return default_config()
         """))
@@ -114,6 +117,7 @@ def test_a_compiler_crash_is_reported_with_exit_code_3(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 3, result.stderr
     assert "error: the compiler was killed by SIGSEGV" in result.stderr
+    assert "persistent cache: False" in result.stderr
 
 
 @NEEDS_GPU_COMPILER

@@ -1,6 +1,5 @@
 """ImageNet's host-fed training path end to end: train.py on synthetic JPEGs through the real
 pipeline and ResNet-50, killed and resumed; and the top-1/top-5 counts of its evaluation."""
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import pytest
 
 from sd_jax.training import parallel, records
 from sd_jax.training.steps import make_batch_errors
-from tests.conftest import ROOT
+from tests.conftest import ROOT, forced_host_devices_env
 from tests.test_checkpoints import wait_for_metrics, without_timing
 from tests.test_training import tiny_config
 
@@ -29,16 +28,10 @@ def smoke_command(workdir):
     return [sys.executable, "train.py", *SMOKE, "--workdir", str(workdir)]
 
 
-def smoke_env(devices=1):
-    """`devices` forced host devices; the same XLA_FLAGS for every one-device run, so that they share
-    compiled programs through the test session's compilation cache (its key includes the flags)."""
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-
-
 def run_smoke(workdir, devices=1):
     """train.py on SMOKE with `devices` devices; its metrics lines."""
-    result = subprocess.run(smoke_command(workdir), cwd=ROOT, env=smoke_env(devices), capture_output=True, text=True,
-                            timeout=900)
+    result = subprocess.run(smoke_command(workdir), cwd=ROOT, env=forced_host_devices_env(devices),
+                            capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"on {devices} x cpu" in result.stderr
     return records.read_metrics(str(workdir))
@@ -57,8 +50,8 @@ def test_resnet50_on_host_fed_batches_resumes_exactly_after_sigkill(tmp_path, re
     assert all({"val_top5_error", "test_top5_error"} <= set(line) for line in reference)
 
     workdir = tmp_path / "killed"
-    process = subprocess.Popen(smoke_command(workdir), cwd=ROOT, env=smoke_env(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(smoke_command(workdir), cwd=ROOT, env=forced_host_devices_env(1),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_metrics(workdir, 2, process, timeout=600)
     time.sleep(0.5)
     assert process.poll() is None, "the run finished before it could be killed"
@@ -66,8 +59,8 @@ def test_resnet50_on_host_fed_batches_resumes_exactly_after_sigkill(tmp_path, re
     process.wait()
     assert len(records.read_metrics(str(workdir))) < 5
 
-    resumed = subprocess.run(smoke_command(workdir), cwd=ROOT, env=smoke_env(), capture_output=True, text=True,
-                             timeout=900)
+    resumed = subprocess.run(smoke_command(workdir), cwd=ROOT, env=forced_host_devices_env(1),
+                             capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from the checkpoint" in resumed.stderr
     got = records.read_metrics(str(workdir))
@@ -99,14 +92,18 @@ def test_evaluation_counts_top1_and_top5_errors_and_skips_padding():
                               int(np.sum([label not in rank[:5] for rank, label in zip(ranks, labels)] & real))]
 
 
-def test_the_cifar_path_does_not_load_tensorflow():
+def test_the_cifar_path_loads_neither_tensorflow_nor_torch():
     """TensorFlow loads only for host-fed data: it costs seconds at every start, and PyTorch's
-    triton imported after it in one process crashes (the parity tests and the bench's peer)."""
+    triton imported after it in one process crashes (the parity tests and the bench's peer).
+    PyTorch loads only when asked for (tensorboardX's writer would import it: 3 s per start), and
+    then it imports as usual."""
     code = ("import sys; import train, sd_jax.training, sd_jax.bench, sd_jax.evaluate, sd_jax.report, sd_jax.sweep; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'tensorflow'))")
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'torch'))); "
+            "import importlib.util; torch = importlib.util.find_spec('torch') and importlib.import_module('torch'); "
+            "print(torch is None or torch.ones(2).sum().item() == 2.0)")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == "[]"
+    assert result.stdout.split() == ["[]", "True"]
 
 
 def test_host_fed_batches_split_over_two_devices_train_as_one(tmp_path, reference):

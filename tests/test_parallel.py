@@ -7,13 +7,12 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, forced_host_devices_env
 
 
 def worker(task, workdir, devices, *overrides):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     result = subprocess.run([sys.executable, "tests/parallel_worker.py", task, str(workdir), *overrides], cwd=ROOT,
-                            env=env, capture_output=True, text=True, timeout=900)
+                            env=forced_host_devices_env(devices), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -84,10 +83,9 @@ def test_two_device_checkpoint_resumes_on_one_device(tmp_path, single_device_run
 
 
 def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     result = subprocess.run([sys.executable, "train.py", "--config", "configs/quickstart.py", "--workdir",
-                             str(tmp_path / "run"), "--config.batch_size=130"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=300)
+                             str(tmp_path / "run"), "--config.batch_size=130"], cwd=ROOT,
+                            env=forced_host_devices_env(4), capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "batch_size=130 is not divisible by the 4 devices" in result.stderr
     assert not (tmp_path / "run").exists()

@@ -266,7 +266,7 @@ def test_bfloat16_training_runs_and_learns(tmp_path):
 
 def test_compilation_cache_is_written_where_configured_and_can_be_turned_off(tmp_path):
     """The default cache lives under ~/.cache/sd_jax/jax (HOME points into tmp_path here); "" writes none."""
-    quick = ["--config", "quickstart", "--config.num_epochs=1", "--config.lr_boundaries=(2,)"]
+    quick = ["--config", "quickstart", "--config.num_epochs=1", "--config.lr_boundaries=(2,)", "--config.depth=8"]
     for name, extra in (("on", []), ("off", ["--config.compilation_cache_dir="])):
         env = {**os.environ, "HOME": str(tmp_path / name)}
         env.pop("JAX_COMPILATION_CACHE_DIR", None)

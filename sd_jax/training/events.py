@@ -4,14 +4,34 @@ the global step as the step), the config as text and as hyperparameters, so `ten
 that needs no TensorFlow (clu's writer goes through tf.summary, and the CIFAR loop keeps TensorFlow
 out of the process). metrics.jsonl is the record: at every start the event file is rewritten from
 the lines the run resumed with, so a resumed run has each point exactly once."""
+import contextlib
 import glob
 import json
 import os
-
-from tensorboardX import SummaryWriter
-from tensorboardX.summary import hparams
+import sys
 
 from sd_jax.training.records import config_record
+
+
+@contextlib.contextmanager
+def torch_marked_absent():
+    """Imports inside see PyTorch as not installed, unless this process already imported it.
+    tensorboardX's writer imports torch whenever it is installed, for a type annotation only: 3 s
+    at every train.py start (Colab has torch). A None entry in sys.modules makes `import torch`
+    raise ImportError, which tensorboardX handles; a later `import torch` works as before."""
+    if "torch" in sys.modules:
+        yield
+        return
+    sys.modules["torch"] = None
+    try:
+        yield
+    finally:
+        del sys.modules["torch"]
+
+
+with torch_marked_absent():
+    from tensorboardX import SummaryWriter
+    from tensorboardX.summary import hparams
 
 EVENTS_PATTERN = "events.out.tfevents.*"
 LINKED_METRICS = ("val_error", "test_error", "train_loss")  # shown beside the hyperparameters
