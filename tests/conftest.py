@@ -15,15 +15,7 @@ sys.path.insert(0, ROOT)
 # tpu) runs the suite on an accelerator.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-# One persistent compilation cache for the whole session, fresh each time: the pytest workers and
-# every train.py or worker process the tests start share their compiled programs (a resumed run
-# loads what the interrupted one compiled), small ones included, and nothing is written into the
-# user's ~/.cache. The xdist workers, the processes tests start and a second import of this file
-# (as tests.conftest) keep the directory the session's first import made.
 SESSION_CACHE_PREFIX = os.path.join(tempfile.gettempdir(), "sd_jax_tests_jax_cache_")
-if not os.environ.get("JAX_COMPILATION_CACHE_DIR", "").startswith(SESSION_CACHE_PREFIX):
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix=os.path.basename(SESSION_CACHE_PREFIX))
-os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 # The ImageNet pipeline tests load TensorFlow into this process, the parity tests PyTorch; PyTorch's
 # triton (loaded by torch._dynamo) segfaults when it comes after TensorFlow, whatever order the
@@ -49,6 +41,17 @@ def restore_package_logger():
     saved = (list(package_log.handlers), package_log.level, package_log.propagate)
     yield
     package_log.handlers[:], package_log.level, package_log.propagate = saved
+
+
+def pytest_configure(config):
+    """One persistent compilation cache for the whole session, fresh each time: the pytest workers and
+    every train.py or worker process the tests start share their compiled programs (a resumed run
+    loads what the interrupted one compiled), small ones included, and nothing is written into the
+    user's ~/.cache. The xdist workers inherit the directory the controller made (before any test
+    module imports JAX); a script that imports this file outside pytest makes none."""
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR", "").startswith(SESSION_CACHE_PREFIX):
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix=os.path.basename(SESSION_CACHE_PREFIX))
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 
 def pytest_sessionfinish(session):
