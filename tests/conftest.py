@@ -15,8 +15,6 @@ sys.path.insert(0, ROOT)
 # tpu) runs the suite on an accelerator.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-SESSION_CACHE_PREFIX = os.path.join(tempfile.gettempdir(), "sd_jax_tests_jax_cache_")
-
 # The ImageNet pipeline tests load TensorFlow into this process, the parity tests PyTorch; PyTorch's
 # triton (loaded by torch._dynamo) segfaults when it comes after TensorFlow, whatever order the
 # tests are selected in. Loading it first, when PyTorch is installed, makes every order safe.
@@ -49,8 +47,8 @@ def pytest_configure(config):
     loads what the interrupted one compiled), small ones included, and nothing is written into the
     user's ~/.cache. The xdist workers inherit the directory the controller made (before any test
     module imports JAX); a script that imports this file outside pytest makes none."""
-    if not os.environ.get("JAX_COMPILATION_CACHE_DIR", "").startswith(SESSION_CACHE_PREFIX):
-        os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix=os.path.basename(SESSION_CACHE_PREFIX))
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="sd_jax_tests_jax_cache_")
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 
