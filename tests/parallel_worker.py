@@ -1,7 +1,8 @@
 """Run in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=N (set before JAX starts).
 
-    python tests/parallel_worker.py TASK WORKDIR [config overrides as key=value ...]
-Prints one JSON object.
+    python tests/parallel_worker.py JOBS
+JOBS is a JSON list of [task, workdir, {config overrides}], run in order in this one process (a
+process start and its first compiles cost more than most jobs). Prints one JSON list: each job's result.
 """
 import json
 import os
@@ -22,14 +23,8 @@ from sd_jax.training.steps import device_drop_key, make_train_steps  # noqa: E40
 from tests.test_training import tiny_config  # noqa: E402
 
 
-def config_from(args):
-    overrides = {}
-    for arg in args:
-        key, value = arg.split("=", 1)
-        overrides[key] = json.loads(value) if value[0] in "0123456789[{-tf" else value
-        if isinstance(overrides[key], list):
-            overrides[key] = tuple(overrides[key])
-    return tiny_config(**overrides)
+def config_from(overrides: dict):
+    return tiny_config(**{key: tuple(value) if isinstance(value, list) else value for key, value in overrides.items()})
 
 
 def train(workdir, config):
@@ -71,7 +66,7 @@ def conditionals(workdir, config):
     return {"conditionals": hlo.count(" conditional("), "blocks": run.plan.model.num_blocks}
 
 
+TASKS = {"train": train, "gates": gates, "conditionals": conditionals}
+
 if __name__ == "__main__":
-    task, workdir = sys.argv[1], sys.argv[2]
-    result = {"train": train, "gates": gates, "conditionals": conditionals}[task](workdir, config_from(sys.argv[3:]))
-    print(json.dumps(result))
+    print(json.dumps([TASKS[task](workdir, config_from(overrides)) for task, workdir, overrides in json.loads(sys.argv[1])]))

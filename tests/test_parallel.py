@@ -10,11 +10,44 @@ import pytest
 from tests.conftest import ROOT, forced_host_devices_env
 
 
-def worker(task, workdir, devices, *overrides):
-    result = subprocess.run([sys.executable, "tests/parallel_worker.py", task, str(workdir), *overrides], cwd=ROOT,
+UNEVEN = {"batch_size": 96, "num_epochs": 2}  # the authors' convention trains the partial batch
+# name: (devices, task, config overrides). One worker process per device count runs its jobs in
+# this order; the one-device process comes after the two-device one, whose checkpoint it resumes.
+JOBS = {
+    "two": (2, "train", {}),
+    "gates_shared": (2, "gates", {"depth": 8}),
+    "gates_per_device": (2, "gates", {"depth": 8, "drop_gates": "per_device"}),
+    "conditionals_per_device": (2, "conditionals", {"depth": 8, "drop_gates": "per_device"}),
+    "sample_mode": (2, "train", {"drop_mode": "sample", "num_epochs": 1}),
+    "two_then_one": (2, "train", {"num_epochs": 2}),
+    "four": (4, "train", {}),
+    "uneven_four": (4, "train", UNEVEN),
+    "one": (1, "train", {}),
+    "uneven_one": (1, "train", UNEVEN),
+    "resumed_on_one": (1, "train", {}),  # in two_then_one's workdir: its third epoch
+}
+
+
+def run_jobs(devices, jobs):
+    """`jobs` ([task, workdir, overrides] each) run in order by one worker process with `devices` devices: their results."""
+    result = subprocess.run([sys.executable, "tests/parallel_worker.py", json.dumps(jobs)], cwd=ROOT,
                             env=forced_host_devices_env(devices), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every job in JOBS: name -> (workdir, result)."""
+    root = tmp_path_factory.mktemp("parallel")
+    workdirs = {name: str(root / name) for name in JOBS}
+    workdirs["resumed_on_one"] = workdirs["two_then_one"]
+    results = {}
+    for devices in (2, 4, 1):
+        names = [name for name, (count, _, _) in JOBS.items() if count == devices]
+        jobs = [[JOBS[name][1], workdirs[name], JOBS[name][2]] for name in names]
+        results.update(zip(names, run_jobs(devices, jobs)))
+    return {name: (workdirs[name], results[name]) for name in JOBS}
 
 
 def params(workdir):
@@ -22,64 +55,47 @@ def params(workdir):
         return {k: f[k] for k in f.files}
 
 
-@pytest.fixture(scope="module")
-def single_device_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("one")
-    return workdir, worker("train", workdir, 1)
-
-
-@pytest.mark.parametrize("devices", [2, 4])
-def test_shared_gates_match_single_device(tmp_path, single_device_run, devices):
-    one_dir, one = single_device_run
-    many = worker("train", tmp_path, devices)
-    assert many["devices"] == devices and one["devices"] == 1
-    for a, b in zip(one["metrics"], many["metrics"]):
+def assert_same_training(reference_run, other_run):
+    """The same gates each epoch, the loss and final parameters up to float summation order."""
+    (one_dir, one), (other_dir, other) = reference_run, other_run
+    for a, b in zip(one["metrics"], other["metrics"]):
         assert a["mean_active_blocks"] == b["mean_active_blocks"]  # the same gates
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=2e-3)
-    reference, got = params(one_dir), params(tmp_path)
+    reference, got = params(one_dir), params(other_dir)
     for key in reference:
         np.testing.assert_allclose(got[key], reference[key], rtol=2e-2, atol=2e-3, err_msg=key)
 
 
-def test_partial_last_batch_shared_unevenly_matches_single_device(tmp_path):
+@pytest.mark.parametrize("name,devices", [("two", 2), ("four", 4)])
+def test_shared_gates_match_single_device(runs, name, devices):
+    assert runs[name][1]["devices"] == devices and runs["one"][1]["devices"] == 1
+    assert_same_training(runs["one"], runs[name])
+
+
+def test_partial_last_batch_shared_unevenly_matches_single_device(runs):
     # 1024 images in batches of 96: each epoch ends with a batch of 64 real images, which four
     # devices hold as 24, 24, 16 and 0. Loss and BatchNorm statistics must count each real image once.
-    overrides = ("batch_size=96", "num_epochs=2")  # the authors' convention trains the partial batch
-    one = worker("train", tmp_path / "one", 1, *overrides)
-    four = worker("train", tmp_path / "four", 4, *overrides)
-    assert [l["step"] for l in four["metrics"]] == [11, 22]
-    for a, b in zip(one["metrics"], four["metrics"]):
-        assert a["mean_active_blocks"] == b["mean_active_blocks"]
-        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=2e-3)
-    reference, got = params(tmp_path / "one"), params(tmp_path / "four")
-    for key in reference:
-        np.testing.assert_allclose(got[key], reference[key], rtol=2e-2, atol=2e-3, err_msg=key)
+    assert [l["step"] for l in runs["uneven_four"][1]["metrics"]] == [11, 22]
+    assert_same_training(runs["uneven_one"], runs["uneven_four"])
 
 
-def test_per_device_gates_differ_and_still_skip_compute(tmp_path):
-    shared = worker("gates", tmp_path, 2, "depth=8")["gates"]
+def test_per_device_gates_differ_and_still_skip_compute(runs):
+    shared = runs["gates_shared"][1]["gates"]
     assert all(step[0] == step[1] for step in shared)
-    per_device = worker("gates", tmp_path, 2, "depth=8", "drop_gates=per_device")["gates"]
+    per_device = runs["gates_per_device"][1]["gates"]
     assert any(step[0] != step[1] for step in per_device)
-    counts = worker("conditionals", tmp_path, 2, "depth=8", "drop_gates=per_device")
+    counts = runs["conditionals_per_device"][1]
     assert counts["conditionals"] == 2 * counts["blocks"]  # a cond per block, forward and backward
 
 
-def test_sample_mode_runs_on_two_devices(tmp_path):
-    result = worker("train", tmp_path, 2, "drop_mode=sample", "num_epochs=1")
-    assert 0 < result["metrics"][0]["mean_active_blocks"] < 3
+def test_sample_mode_runs_on_two_devices(runs):
+    assert 0 < runs["sample_mode"][1]["metrics"][0]["mean_active_blocks"] < 3
 
 
-def test_two_device_checkpoint_resumes_on_one_device(tmp_path, single_device_run):
-    one_dir, one = single_device_run
-    worker("train", tmp_path, 2, "num_epochs=2")
-    resumed = worker("train", tmp_path, 1)
-    assert [l["epoch"] for l in resumed["metrics"]] == [1, 2, 3]
-    for a, b in zip(one["metrics"], resumed["metrics"]):
-        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=2e-3)
-    reference, got = params(one_dir), params(tmp_path)
-    for key in reference:
-        np.testing.assert_allclose(got[key], reference[key], rtol=2e-2, atol=2e-3, err_msg=key)
+def test_two_device_checkpoint_resumes_on_one_device(runs):
+    assert [l["epoch"] for l in runs["two_then_one"][1]["metrics"]] == [1, 2]
+    assert [l["epoch"] for l in runs["resumed_on_one"][1]["metrics"]] == [1, 2, 3]
+    assert_same_training(runs["one"], runs["resumed_on_one"])
 
 
 def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path):

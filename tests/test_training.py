@@ -59,7 +59,8 @@ def test_warmup_starts_with_every_block_active():
     copy = lambda state: jax.tree.map(jnp.copy, state)  # the train step donates its state
     _, first = train_steps(copy(run.state), run.train_data, run.keys, perm, 0, 1)
     assert float(first["active_blocks"]) == run.plan.model.num_blocks == 6
-    late = run.state.replace(step=jnp.asarray(run.plan.total_steps, jnp.int32))
+    late_step = jax.device_put(jnp.int32(run.plan.total_steps), run.state.step.sharding)  # as placed: one compile
+    late = run.state.replace(step=late_step)
     _, later = train_steps(copy(late), run.train_data, run.keys, perm, 0, 5)
     assert float(later["active_blocks"]) / 5 < 6 * 0.6  # p ranges from 0.05 to 0.84: 2.7 expected
 
