@@ -23,10 +23,6 @@ from sd_jax.training.steps import device_drop_key, make_train_steps  # noqa: E40
 from tests.test_training import tiny_config  # noqa: E402
 
 
-def config_from(overrides: dict):
-    return tiny_config(**{key: tuple(value) if isinstance(value, list) else value for key, value in overrides.items()})
-
-
 def train(workdir, config):
     """Train (or resume), then dump the final parameters next to the run's files."""
     train_and_evaluate(config, workdir)
@@ -69,4 +65,4 @@ def conditionals(workdir, config):
 TASKS = {"train": train, "gates": gates, "conditionals": conditionals}
 
 if __name__ == "__main__":
-    print(json.dumps([TASKS[task](workdir, config_from(overrides)) for task, workdir, overrides in json.loads(sys.argv[1])]))
+    print(json.dumps([TASKS[task](workdir, tiny_config(**overrides)) for task, workdir, overrides in json.loads(sys.argv[1])]))
