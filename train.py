@@ -18,6 +18,9 @@ def arg_parser():
     p.add_argument("--restart", action="store_true",
                    help="delete the run already in --workdir and start over (by default a workdir holding a run "
                         "of the same config is resumed)")
+    p.add_argument("--take-over", action="store_true",
+                   help="take --workdir from the run holding it (its run.lock), when that run is known to be gone: "
+                        "a holder on this machine that died frees it by itself, one on another host after 10 minutes")
     p.add_argument("--distributed", action="store_true",
                    help="join a multi-process job with jax.distributed.initialize() (automatic when "
                         "JAX_COORDINATOR_ADDRESS is set or on a multi-host TPU slice)")
@@ -27,7 +30,7 @@ def arg_parser():
 def run(args):
     parallel.initialize_distributed(args.distributed)
     cli.show_progress(parallel.is_primary())
-    return train_and_evaluate(args.config, args.workdir, restart=args.restart)
+    return train_and_evaluate(args.config, args.workdir, restart=args.restart, take_over=args.take_over)
 
 
 def main(argv=None):

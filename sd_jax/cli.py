@@ -3,7 +3,8 @@
 
 Exit codes (docs/runs.md, "Command line"): 0 done; 1 an unexpected error (a bug: the traceback is printed);
 2 bad input, found before anything is written (usage, config, workdir, data, a missing file);
-3 the work failed on the way (the training loss diverged, no checkpoint could be read);
+3 the work failed on the way (the training loss diverged, no checkpoint could be read, the workdir
+stopped taking writes: a full disk, a quota, a read-only file system);
 128 + the signal's number (143 SIGTERM, 130 SIGINT): stopped by a signal after checkpointing the step reached.
 """
 import argparse
@@ -15,6 +16,7 @@ from absl import logging as absl_logging
 from sd_jax.training.checkpoints import CheckpointError
 from sd_jax.config import ConfigError, load_config
 from sd_jax.data.files import DataError
+from sd_jax.training.disk_faults import DiskFault
 from sd_jax.training.records import WorkdirError
 from sd_jax.training.loop import TrainingDiverged
 from sd_jax.training.preemption import Preempted
@@ -22,7 +24,7 @@ from sd_jax.training.preemption import Preempted
 EXIT_BAD_INPUT, EXIT_FAILED = 2, 3
 EXIT_CODES = ((ConfigError, EXIT_BAD_INPUT), (WorkdirError, EXIT_BAD_INPUT), (DataError, EXIT_BAD_INPUT),
               (FileNotFoundError, EXIT_BAD_INPUT), (TrainingDiverged, EXIT_FAILED), (CheckpointError, EXIT_FAILED),
-              (Preempted, None))  # None: the exception's own exit_code
+              (DiskFault, EXIT_FAILED), (Preempted, None))  # None: the exception's own exit_code
 CONFIG_OVERRIDE = "--config."
 
 

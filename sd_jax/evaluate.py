@@ -31,7 +31,7 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
 def evaluate(workdir: str, which: str = checkpoints.LATEST) -> dict:
     config = run_config(workdir)
     experiment = make_experiment(config)
-    ckpts = checkpoints.Checkpoints(workdir)
+    ckpts = checkpoints.Checkpoints(workdir, read_only=True)  # the run may be training: touch nothing
     restored = ckpts.restore(experiment.state, which)
     ckpts.close()
     if restored is None:

@@ -2,6 +2,7 @@ import gzip
 import json
 import os
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 
 from sd_jax import evaluate
 
-from sd_jax.training import checkpoints, records
+from sd_jax.training import checkpoints, records, workdir_hold
 from sd_jax.training import steps as training_steps
 from sd_jax.training.experiment import make_experiment
 from sd_jax.training.loop import TrainingDiverged, train_and_evaluate
@@ -106,10 +107,16 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted_run(tmp_path, referen
     process.wait()
     killed_at = len(metrics.read_text().splitlines())
     assert killed_at < 8 and not (workdir / records.SUMMARY_FILE).exists()
+    assert (workdir / workdir_hold.LOCK_FILE).exists()  # the killed run's hold, freed by its dead pid
+    with open(metrics, "a") as f:  # what a crash in the middle of an append leaves
+        f.write('{"epoch": 9, "step": 7')
 
     resumed = subprocess.run(train_command(workdir), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from the checkpoint of epoch" in resumed.stderr
+    assert f"process {process.pid} no longer exists" in resumed.stderr
+    assert f"dropping its unfinished last line {killed_at + 1}" in resumed.stderr
+    assert not (workdir / workdir_hold.LOCK_FILE).exists()  # released at the end
     assert_same_run(workdir, reference_run)
     assert_events_match_metrics(workdir)
 
@@ -153,6 +160,17 @@ def finished_run(tmp_path_factory):
     return workdir
 
 
+def test_a_malformed_metrics_line_before_the_last_stops_the_resume_naming_it(tmp_path, finished_run):
+    workdir = tmp_path / "copy"
+    shutil.copytree(finished_run, workdir)
+    lines = (workdir / records.METRICS_FILE).read_text().splitlines(keepends=True)
+    lines[1] = lines[1][:20] + "\n"
+    (workdir / records.METRICS_FILE).write_text("".join(lines))
+    with pytest.raises(records.WorkdirError, match=r"metrics.jsonl, line 2, is not a metrics line .*Repair or delete"):
+        train_and_evaluate(tiny_config(num_epochs=4), str(workdir))
+    assert (workdir / records.METRICS_FILE).read_text() == "".join(lines)  # left for the user to repair
+
+
 def test_keeps_last_two_and_best(finished_run):
     ckpts = checkpoints.Checkpoints(finished_run)
     lines = records.read_metrics(finished_run)
@@ -166,7 +184,11 @@ def test_keeps_last_two_and_best(finished_run):
 
 @pytest.mark.parametrize("which", [checkpoints.LATEST, checkpoints.BEST])
 def test_evaluate_cli_agrees_with_recorded_metrics(finished_run, which, capsys):
+    in_flight = os.path.join(finished_run, "checkpoints", "99.orbax-checkpoint-tmp")  # a training run's save
+    os.makedirs(os.path.join(in_flight, "state.orbax-checkpoint-tmp"))
     result = evaluate.main(["--workdir", finished_run, "--checkpoint", which])
+    assert os.path.isdir(in_flight)  # evaluating a run that trains deletes nothing of it
+    shutil.rmtree(in_flight)
     assert json.loads(capsys.readouterr().out) == result
     line = next(l for l in records.read_metrics(finished_run) if l["epoch"] == result["epoch"])
     assert result["val_error"] == line["val_error"]
@@ -225,7 +247,6 @@ def test_diverging_run_exits_3(tmp_path):
 
 
 def test_incompatible_resume_names_keys_and_restart_starts_over(tmp_path, finished_run):
-    import shutil
     workdir = tmp_path / "copy"
     shutil.copytree(finished_run, workdir)
     result = subprocess.run(train_command(workdir, "--config.batch_size=64"), cwd=ROOT, capture_output=True,
@@ -260,3 +281,66 @@ def test_profile_traces_the_first_steps_and_leaves_the_results_unchanged(tmp_pat
     assert any("multi_step" in name for name in names)  # the jitted training call ran inside the trace
     got, want = records.read_metrics(str(workdir)), records.read_metrics(finished_run)
     assert [without_timing(line) for line in got] == [without_timing(line) for line in want]
+
+
+@pytest.fixture
+def small_file_system(tmp_path):
+    """A 1 MiB tmpfs: the first checkpoint of the ARGS run (0.6 MiB) fits, the second does not.
+    Mounting needs root, as CI has."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)]).returncode:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def error_lines(stderr: str) -> list:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def test_a_full_disk_stops_with_one_message_and_the_rerun_resumes_exactly(small_file_system, reference_run):
+    workdir = small_file_system / "run"
+    full = subprocess.run(train_command(workdir), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert full.returncode == 3, full.stderr[-3000:]
+    (message,) = error_lines(full.stderr)
+    assert re.fullmatch(
+        rf"error: could not write to workdir '{workdir}': no space left on the device \(0\.\d MiB free of 1\.0 MiB; "
+        r"a checkpoint needs about 0\.6 MiB\)\. The checkpoints before it are whole: free some space, then run the "
+        r"same command again to resume from step 8", message), message
+    assert "Traceback" not in full.stderr and "Event loop is closed" not in full.stderr
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_file_system)], check=True)  # space freed
+    resumed = subprocess.run(train_command(workdir), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from the checkpoint of epoch 1 (step 8)" in resumed.stderr
+    assert_same_run(workdir, reference_run)
+
+
+def test_a_workdir_made_read_only_during_the_run_stops_with_one_message_and_the_rerun_resumes_exactly(
+        tmp_path, reference_run):
+    """The run's process lacks root's override of file permissions (setpriv), as a user's would; the
+    workdir and everything in it lose their write permission between two epochs."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and util-linux's setpriv to drop the permission override (CI has both)")
+    workdir = tmp_path / "run"
+    no_override = ["setpriv", "--inh-caps=-dac_override,-dac_read_search", "--bounding-set=-dac_override,-dac_read_search"]
+    process = subprocess.Popen(no_override + train_command(workdir), cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    wait_for_metrics(workdir, 2, process)
+    time.sleep(0.3)  # past epoch 2's checkpoint, inside epoch 3
+    assert process.poll() is None, "the run finished before its workdir could be made read-only"
+    paths = [workdir] + sorted(workdir.rglob("*"))
+    for path in paths:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 3, stderr[-3000:]
+    (message,) = error_lines(stderr)
+    assert re.fullmatch(rf"error: could not write to workdir '{workdir}': permission denied \(.*\)\. The checkpoints "
+                        r"before it are whole: make the directory writable again, then run the same command again to "
+                        r"resume from step (16|24)", message), message
+    assert "Traceback" not in stderr
+    for path in paths:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    resumed = subprocess.run(train_command(workdir), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(workdir, reference_run)

@@ -14,6 +14,7 @@ import pytest
 from sd_jax.training import checkpoints, records
 from sd_jax.training.experiment import make_experiment
 from sd_jax.training.loop import train_and_evaluate
+from sd_jax.training.workdir_hold import WorkdirHold
 from tests.conftest import ROOT
 from tests.test_checkpoints import wait_for_metrics, without_timing
 from tests.test_training import tiny_config
@@ -29,7 +30,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_pair(workdir):
+def start_pair(workdir, overrides=OVERRIDES):
     """Two train.py processes of one job, as a user starts them on two hosts."""
     port = free_port()
     processes = []
@@ -37,7 +38,7 @@ def start_pair(workdir):
         env = {**os.environ, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
                "JAX_PROCESS_ID": str(index), "XLA_FLAGS": ""}
         processes.append(subprocess.Popen(
-            [sys.executable, "train.py", "--config", "quickstart", *OVERRIDES, "--workdir", str(workdir)],
+            [sys.executable, "train.py", "--config", "quickstart", *overrides, "--workdir", str(workdir)],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return processes
 
@@ -109,22 +110,58 @@ def test_sigkill_of_one_process_then_restart_of_both_resumes_exactly(pair_run, t
             == without_timing(records.read_json(str(reference), records.SUMMARY_FILE)))
 
 
-def test_sigterm_to_one_process_stops_both_at_one_step_and_the_rerun_resumes_exactly(pair_run, tmp_path):
-    """A preemption notice that reaches one host: JAX's preemption service agrees on a step, both
-    processes checkpoint it and exit 143; starting both again resumes to the uninterrupted run."""
-    reference, _ = pair_run
+@pytest.fixture(scope="module")
+def quickstart_pair(tmp_path_factory):
+    """The quickstart config itself as two processes, uninterrupted (its 10 steps per call, 30 epochs)."""
+    workdir = tmp_path_factory.mktemp("quickstart_pair") / "run"
+    finish(start_pair(workdir, overrides=[]))
+    return workdir
+
+
+def test_sigterm_to_either_process_stops_both_within_two_calls_and_the_reruns_resume_exactly(quickstart_pair, tmp_path):
+    """A preemption notice that reaches one host stops the whole job within two training calls, each
+    process checkpoints that step and exits 143; starting both again resumes. Here: SIGTERM to
+    process 1 after the second metrics line, then to process 0 in the rerun after the fifth, then a
+    rerun to the end, whose files equal the uninterrupted pair's."""
     workdir = tmp_path / "stopped"
-    first, second = start_pair(workdir)
-    wait_for_metrics(workdir, 2, first)
-    assert first.poll() is None and second.poll() is None, "the job ended before it could be stopped"
-    second.send_signal(signal.SIGTERM)
-    logs = [p.communicate(timeout=300)[1] for p in (first, second)]
-    assert [p.returncode for p in (first, second)] == [128 + signal.SIGTERM] * 2, logs[0][-2000:] + logs[1][-2000:]
-    (step,) = {int(re.search(r"stopped by SIGTERM at step (\d+)", log).group(1)) for log in logs}
-    assert not (workdir / records.SUMMARY_FILE).exists()
-    primary_log, _ = finish(start_pair(workdir))
-    assert f"(step {step})" in primary_log
-    got, want = records.read_metrics(str(workdir)), records.read_metrics(str(reference))
+    steps_per_epoch = records.read_metrics(str(quickstart_pair))[0]["step"]  # epoch 1's line
+    steps_per_call = 10  # configs/quickstart.py: each epoch of 11 steps is a call of 10 and one of 1
+    resumed_from = None
+    for target, lines in ((1, 2), (0, 5)):
+        processes = start_pair(workdir, overrides=[])
+        wait_for_metrics(workdir, lines, processes[0])
+        assert all(p.poll() is None for p in processes), "the job ended before it could be stopped"
+        processes[target].send_signal(signal.SIGTERM)
+        # The step at the signal: at most the end of the epoch after the last line written by then.
+        reached = (len(records.read_metrics(str(workdir))) + 1) * steps_per_epoch
+        logs = [p.communicate(timeout=300)[1] for p in processes]
+        if resumed_from is not None:
+            assert f"(step {resumed_from})" in logs[0]
+        assert [p.returncode for p in processes] == [128 + signal.SIGTERM] * 2, logs[0][-2000:] + logs[1][-2000:]
+        (step,) = {int(re.search(r"stopped by SIGTERM at step (\d+)", log).group(1)) for log in logs}
+        assert step <= reached + 2 * steps_per_call, f"stopped at step {step}, the signal came at step {reached} or before"
+        assert not (workdir / records.SUMMARY_FILE).exists()
+        resumed_from = step
+    primary_log, _ = finish(start_pair(workdir, overrides=[]))
+    assert f"(step {resumed_from})" in primary_log
+    got, want = records.read_metrics(str(workdir)), records.read_metrics(str(quickstart_pair))
     assert [without_timing(line) for line in got] == [without_timing(line) for line in want]
     assert (without_timing(records.read_json(str(workdir), records.SUMMARY_FILE))
-            == without_timing(records.read_json(str(reference), records.SUMMARY_FILE)))
+            == without_timing(records.read_json(str(quickstart_pair), records.SUMMARY_FILE)))
+
+
+def test_a_second_job_on_a_held_workdir_is_refused_in_every_process(tmp_path):
+    """Process 0 takes the job's hold on the workdir; when another run holds it, every process of
+    the job stops with exit 2 before writing anything."""
+    workdir = tmp_path / "held"
+    hold = WorkdirHold(str(workdir))
+    hold.take()
+    try:
+        processes = start_pair(workdir)
+        logs = [p.communicate(timeout=300)[1] for p in processes]
+    finally:
+        hold.release()
+    assert [p.returncode for p in processes] == [2, 2], logs[0][-2000:] + logs[1][-2000:]
+    assert f"is in use by process {os.getpid()}" in logs[0]
+    assert "is in use by another run (process 0 says which)" in logs[1]
+    assert sorted(os.listdir(workdir)) == []

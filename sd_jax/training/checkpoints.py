@@ -15,10 +15,11 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from sd_jax.training import records
+from sd_jax.training import disk_faults, records
 
 LATEST, BEST = "latest", "best"
 META_KEYS = ("epoch", "step", "val_error")
+SAVE_OVERHEAD = 2**18  # bytes a save writes besides the arrays (metadata, manifests), with room to spare
 
 log = logging.getLogger(__name__)
 
@@ -46,19 +47,36 @@ class PreserveBest(checkpoint_managers.PreservationPolicy):
         return [info.step == best for info in checkpoints]
 
 
+class LoopStoppedCheckpointManager(ocp.CheckpointManager):
+    """orbax's manager, except that it never asks JAX's preemption service itself. The service
+    agrees on the counter after the highest one any process has asked with and answers only when
+    asked with exactly that counter, so every ask in a process must use one numbering that grows
+    by one: the training loop's call count (`preemption.StopSignals`). orbax would ask with the
+    training step at each save, which moved the agreed point dozens of calls later, or past the
+    run's end (issue 37)."""
+
+    def reached_preemption(self, step: int) -> bool:
+        return False
+
+
 class Checkpoints:
     """The run's checkpoint manager: the latest `keep_latest` saves plus the best one."""
 
-    def __init__(self, workdir: str, keep_latest: int = 2):
+    def __init__(self, workdir: str, keep_latest: int = 2, read_only: bool = False):
+        """`read_only`: for reading a run's checkpoints, also while it trains (`sd_jax.evaluate`):
+        writes and deletes nothing, not even the unfinished save's temporary directory."""
         policy = checkpoint_managers.AnyPreservationPolicy([checkpoint_managers.LatestN(keep_latest), PreserveBest()])
-        self.manager = ocp.CheckpointManager(
-            os.path.abspath(os.path.join(workdir, records.CHECKPOINT_DIR)),
+        self.directory = os.path.abspath(os.path.join(workdir, records.CHECKPOINT_DIR))
+        self.manager = LoopStoppedCheckpointManager(
+            self.directory,
             options=ocp.CheckpointManagerOptions(
-                preservation_policy=policy, cleanup_tmp_directories=True,
+                preservation_policy=policy, cleanup_tmp_directories=not read_only, read_only=read_only,
                 best_fn=lambda meta: meta["val_error"], best_mode="min"))  # best_fn: orbax writes metrics only with one
 
     def _write(self, step: int, state, metrics: dict, **options) -> None:
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_state_tree(state))),
+        tree = _state_tree(state)
+        disk_faults.check_room(self.directory, sum(leaf.nbytes for leaf in jax.tree.leaves(tree)) + SAVE_OVERHEAD)
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree)),
                           metrics=metrics, **options)
 
     def save(self, state, line: dict) -> None:
@@ -103,6 +121,15 @@ class Checkpoints:
             raise CheckpointError(f"none of the {which} checkpoints {candidates} could be read; "
                                   "start over with --restart or remove the checkpoints directory")
         return None
+
+    def newest_whole(self):
+        """(step, bytes on disk) of the newest checkpoint written whole, as the directory holds it
+        now (after a failed save); (None, None) if there is none."""
+        self.manager.reload()
+        steps = self.steps()
+        if not steps:
+            return None, None
+        return steps[-1], disk_faults.directory_bytes(os.path.join(self.directory, str(steps[-1])))
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

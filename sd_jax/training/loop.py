@@ -10,10 +10,11 @@ import numpy as np
 
 from sd_jax.data import cifar_svhn
 
-from sd_jax.training import checkpoints, compiler, parallel, provenance, records
+from sd_jax.training import checkpoints, compiler, disk_faults, parallel, provenance, records
 from sd_jax.training.events import EventLog
 from sd_jax.training.preemption import Preempted, StopSignals
 from sd_jax.training.profiling import StepProfiler
+from sd_jax.training.workdir_hold import hold_for_job
 from sd_jax.config import resolve_convention, resolve_platform_defaults, validate
 from sd_jax.models.cifar import count_params
 from sd_jax.training.experiment import Experiment, make_experiment
@@ -51,7 +52,6 @@ class Trainer:
         self.workdir, self.ckpts, self.feed = workdir, ckpts, feed
         self.events, self.stop_signals, self.profiler = events, stop_signals, profiler
         self.schedule = learning_rate_schedule(self.config, self.plan.steps_per_epoch)
-        self.calls = 0
 
     def train_until(self, state: TrainState, stop: int, totals: dict):
         """Train from `state.step` up to global step `stop` in chunks of at most `steps_per_call`
@@ -77,8 +77,7 @@ class Trainer:
                     "Lower learning_rate (and start over with --restart) or check the data")
             totals = {k: totals[k] + sums[k] for k in totals}
             step += count
-            self.calls += 1
-            stopped = self.stop_signals.should_stop(self.calls)
+            stopped = self.stop_signals.should_stop()
             if time.perf_counter() - last_log > 30 and step < stop:
                 last_log = time.perf_counter()
                 log.info("epoch %d: step %d/%d (%d/%d in all), loss %.4f, %.0f img/s", epoch,
@@ -221,29 +220,39 @@ def finish(experiment: Experiment, workdir: records.Workdir, history: list, comp
     return summary
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, restart: bool = False) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, restart: bool = False,
+                       take_over: bool = False) -> dict:
     """Train as `config` says, writing config.json, metrics.jsonl, summary.json and checkpoints to
     `workdir`. A workdir holding an earlier run of the same config is resumed from its latest
     checkpoint; `restart` deletes the earlier run instead. Nothing is written until the config,
-    the workdir and the data have passed every check."""
+    the workdir and the data have passed every check. The run holds the workdir while it trains: a
+    second run on it is refused (`workdir_hold`; `take_over` takes it from a holder known to be gone)."""
     warn_if_accelerator_idle()
     validate(config, cifar_svhn.DATASETS, jax.device_count())
     resolve_convention(config)
     resolve_platform_defaults(config, jax.devices()[0].platform)
     compiler.use_compilation_cache(config.compilation_cache_dir)
+    disk_faults.drop_background_reports()
     run_files = records.Workdir(workdir, parallel.is_primary())
     run_files.check(config, restart)
-    wall_start = time.perf_counter()
-    experiment = make_experiment(config)
-    run_files.start(config, restart)
-    ran_on = provenance.provenance()  # once: it asks git for the commit
-    log_start(experiment, ran_on)
-    ckpts = checkpoints.Checkpoints(workdir)
-    with StopSignals() as stop_signals:
-        state, history, partial = resume(experiment, run_files, ckpts)
-        events = EventLog(workdir, parallel.is_primary(), config, history)
-        feed, compile_s = compile_steps(experiment, state)
-        trainer = Trainer(experiment, run_files, ckpts, feed, events, stop_signals,
-                          StepProfiler(workdir, config.profile_steps))
-        trainer.fit(state, history, partial)
-    return finish(experiment, run_files, history, compile_s, wall_start, ran_on)
+    with hold_for_job(workdir, take_over):
+        wall_start = time.perf_counter()
+        experiment = make_experiment(config)
+        run_files.start(config, restart)
+        ran_on = provenance.provenance()  # once: it asks git for the commit
+        log_start(experiment, ran_on)
+        ckpts = checkpoints.Checkpoints(workdir)
+        try:
+            with StopSignals() as stop_signals:
+                state, history, partial = resume(experiment, run_files, ckpts)
+                events = EventLog(workdir, parallel.is_primary(), config, history)
+                feed, compile_s = compile_steps(experiment, state)
+                trainer = Trainer(experiment, run_files, ckpts, feed, events, stop_signals,
+                                  StepProfiler(workdir, config.profile_steps))
+                trainer.fit(state, history, partial)
+            return finish(experiment, run_files, history, compile_s, wall_start, ran_on)
+        except Exception as e:
+            code = disk_faults.fault_errno(e)
+            if code is None:
+                raise
+            raise disk_faults.DiskFault(disk_faults.describe(code, workdir, *ckpts.newest_whole())) from None

@@ -6,6 +6,10 @@ the jitted call in flight finishes, and the loop then checkpoints that exact ste
 With several processes every one must stop at the same step: SIGTERM then belongs to JAX's
 preemption service (started by `jax.distributed.initialize`), which spreads a notice to all
 processes and agrees on the call to stop after (`multihost_utils.reached_preemption_sync_point`).
+The service sets that point to one past the highest counter any process has asked with, and
+answers yes only to exactly that counter: so `StopSignals` is the one place in a process that
+asks, with its count of training calls (one more per ask), and the checkpoint manager never asks
+(`checkpoints.LoopStoppedCheckpointManager`). The job then stops within two training calls of the notice.
 """
 import logging
 import signal
@@ -30,11 +34,11 @@ class Preempted(Exception):
 class StopSignals:
     """A context in which SIGTERM and SIGINT ask the training loop to stop instead of killing it.
 
-    `should_stop(call)` is asked after each training call (numbered from 1 in this process); a
-    second SIGINT stops at once (KeyboardInterrupt)."""
+    `should_stop()` is asked after each training call; a second SIGINT stops at once (KeyboardInterrupt)."""
 
     def __init__(self):
         self.received = None
+        self.calls = 0  # the preemption service's counter: training calls finished in this process
         self.shared = jax.process_count() > 1
         self.previous = {}
 
@@ -57,7 +61,9 @@ class StopSignals:
         log.warning("received %s: finishing the training call in flight, then checkpointing that step and stopping",
                     signal.Signals(signum).name)
 
-    def should_stop(self, call: int) -> bool:
-        if self.shared and multihost_utils.reached_preemption_sync_point(call):
+    def should_stop(self) -> bool:
+        """Whether to stop after the training call just finished (asked once after every call)."""
+        self.calls += 1
+        if self.shared and multihost_utils.reached_preemption_sync_point(self.calls):
             self.received = signal.SIGTERM
         return self.received is not None

@@ -1,5 +1,6 @@
 """A run's files in its workdir: config.json, metrics.jsonl (one line per evaluation), summary.json."""
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -11,6 +12,8 @@ CHECKPOINT_DIR = "checkpoints"
 # Config keys that may change when a run is resumed: they do not change its results.
 RESUMABLE_KEYS = frozenset({"num_epochs", "steps_per_call", "eval_batch_size", "data_dir",
                             "checkpoint_every_epochs", "compilation_cache_dir"})
+
+log = logging.getLogger(__name__)
 
 
 class WorkdirError(OSError):
@@ -31,8 +34,25 @@ def write_json_atomic(path: str, obj) -> None:
 
 
 def read_metrics(workdir: str) -> list:
-    with open(os.path.join(workdir, METRICS_FILE)) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The lines of metrics.jsonl. An unfinished last line (what a crash or a full disk in the middle
+    of an append leaves) is dropped with a warning: it lies after the newest checkpoint, and a resumed
+    run writes that evaluation again. A line elsewhere that is not JSON raises WorkdirError."""
+    path = os.path.join(workdir, METRICS_FILE)
+    with open(path) as f:
+        lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
+    history = []
+    for number, line in lines:
+        try:
+            history.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number == lines[-1][0]:
+                log.warning("%s: dropping its unfinished last line %d (%r), left by a run that stopped while "
+                            "writing it", path, number, line.strip()[:80])
+                continue
+            raise WorkdirError(f"{path}, line {number}, is not a metrics line ({e.msg}): {line.strip()[:80]!r}. "
+                               "Repair or delete that line and run the same command again (a resumed run rewrites "
+                               "every line after its checkpoint), or pass --restart to start over") from None
+    return history
 
 
 def read_json(workdir: str, name: str):
