@@ -4,13 +4,16 @@ what XLA made of them.
 
     python -m sd_jax.aot --config NAME|FILE [--config.KEY=VALUE ...] --target h100|h200|a100-40|a100-80|l4|t4|v4|v5e|v6e
         [--devices N] [--compiler-options project|none] [--xla-option KEY=VALUE ...] [--cuda-version 12.8.0]
-        [--dump-to DIR] [--json]
+        [--dump-to DIR] [--json] [--compare-constant]
 
 Reported per device: compile seconds; memory (arguments, outputs, temporaries) against the chip's,
 with "does not fit" and by how much; XLA's FLOPs for one training step and the multiply-add
 estimate beside it; the conditionals (stochastic-depth gates) in the compiled step; on GPU the
 runtime thunks by kind and the host round trips per step (conditionals and loops outside a CUDA
-graph, each of which copies its predicate to the host and waits). Needs the target's compiler:
+graph, each of which copies its predicate to the host and waits); a lower bound on the step time
+(sd_jax.training.step_estimate: each kernel at the chip's peak FLOP/s or bandwidth, plus a launch
+cost) with the expected kernels, bytes and FLOPs per step and what an open and a closed gate
+cost; `--compare-constant` adds the constant-depth twin and the ratios. Needs the target's compiler:
 pip install "sd_jax[aot-gpu]" (JAX's CUDA plugin) or "sd_jax[aot-tpu]" (libtpu). The compilation
 runs in a child process, so a compiler crash is reported, not fatal. Exit codes: 0 done; 2 bad
 input or a missing compiler; 3 the compiler failed or crashed.
@@ -28,6 +31,7 @@ import time
 
 from sd_jax import cli, targets
 from sd_jax.training.compiled import count_conditionals, gpu_thunks, memory, out_of_memory, xla_flops
+from sd_jax.training.step_estimate import estimate_step
 from sd_jax.training.plan import make_plan, make_train_state, run_keys
 from sd_jax.training.steps import (HOST_BATCH_SPEC, eval_variables, make_batch_errors, make_count_errors,
                                    make_host_train_steps, make_train_steps)
@@ -183,7 +187,7 @@ def analyse(config, target_name: str, num_devices: int, cuda_version: str, proje
     with contextlib.ExitStack() as stack:
         dump_root = dump_to or stack.enter_context(tempfile.TemporaryDirectory(prefix="sd_jax_aot_"))
         for name, function, args in calls:
-            report["calls"][name] = compile_call(name, function, args, os.path.join(dump_root, name), target,
+            report["calls"][name] = compile_call(name, function, args, os.path.join(dump_root, name), target_name,
                                                  config, plan, shapes, num_devices, xla_options)
     report["peak_memory"] = max(call["memory"]["total"] for call in report["calls"].values())
     report["fits"] = report["peak_memory"] <= report["usable_memory"]
@@ -191,8 +195,10 @@ def analyse(config, target_name: str, num_devices: int, cuda_version: str, proje
     return report
 
 
-def compile_call(name, function, args, dump_dir, target, config, plan, shapes, num_devices, xla_options) -> dict:
+def compile_call(name, function, args, dump_dir, target_name, config, plan, shapes, num_devices,
+                 xla_options) -> dict:
     """Lower and compile one call for the target; what the report says of it (see `analyse`)."""
+    target = targets.target(target_name)
     start = time.perf_counter()
     lowered = function.lower(*args)
     extra = dict(xla_options or {}, **({"xla_dump_to": dump_dir} if target.platform == "gpu" else {}))
@@ -209,6 +215,9 @@ def compile_call(name, function, args, dump_dir, target, config, plan, shapes, n
     if name == "train":  # XLA counts a loop body once: scanned blocks would be counted once per stage
         result["xla_flops_per_step"] = None if config.scan_blocks else xla_flops(lowered, compiled)
         result["estimated_flops_per_step"] = estimated_flops(plan, shapes, config.batch_size // num_devices)
+        estimate = estimate_step(compiled.as_text(), targets.chip(target_name),
+                                 [float(p) for p in plan.model.survival_probabilities()])
+        result["step_estimate"] = dict(estimate, seconds_per_epoch=estimate["seconds"] * plan.steps_per_epoch)
     if target.platform == "gpu":  # the training call's loop runs once per step, evaluation's once per batch
         per = "per_step" if name == "train" else "per_batch"
         result["thunks"], result[f"host_round_trips_{per}"] = gpu_thunks(dump_dir) or (None, None)
@@ -245,6 +254,8 @@ def format_report(report: dict) -> str:
                          "    FLOPs per step and device: XLA gave none")
             lines[-1] += (f"; multiply-add estimate {est['constant'] / 1e9:.1f} G at constant depth, "
                           f"{est['expected'] / 1e9:.1f} G expected with the drops")
+        if "step_estimate" in call:
+            lines.append("    " + format_estimate(call["step_estimate"]))
         if call.get("thunks"):
             kinds = ", ".join(f"{k} {v}" for k, v in sorted(call["thunks"].items(), key=lambda kv: -kv[1]))
             lines.append(f"    thunks: {kinds}")
@@ -263,6 +274,37 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def format_estimate(estimate: dict) -> str:
+    """The step-time lower bound (sd_jax.training.step_estimate) in one line."""
+    text = (f"step time, a lower bound: {estimate['seconds'] * 1e3:.3f} ms per step, "
+            f"{estimate['seconds_per_epoch']:.2f} s per epoch (peak FLOP/s and bandwidth, per-kernel launch cost); "
+            f"expected per step {estimate['kernels']:.0f} kernels, {estimate['bytes'] / 1e9:.2f} GB moved, "
+            f"{estimate['flops'] / 1e9:.1f} GFLOP")
+    if estimate["conditionals"]:
+        opened, closed = estimate["open_gate"], estimate["closed_gate"]
+        text += (f"; a gate (its forward and backward conditionals) open {opened['kernels']:.1f} kernels, "
+                 f"{opened['bytes'] / 1e6:.1f} MB, closed {closed['kernels']:.1f} kernels, {closed['bytes'] / 1e6:.1f} MB")
+        if not estimate["gates_paired_with_blocks"]:
+            text += " (each conditional weighted by the mean survival probability)"
+    return text
+
+
+RATIO_KEYS = (("expected kernels per step", lambda r: r["calls"]["train"]["step_estimate"]["kernels"]),
+              ("bytes moved per step", lambda r: r["calls"]["train"]["step_estimate"]["bytes"]),
+              ("step time lower bound", lambda r: r["calls"]["train"]["step_estimate"]["seconds"]),
+              ("memory per device", lambda r: r["peak_memory"]),
+              ("compile time of the training call", lambda r: r["calls"]["train"]["compile_s"]))
+
+
+def format_comparison(report: dict, twin: dict) -> str:
+    """The report, its constant-depth twin's, and the ratios stochastic / constant."""
+    lines = [format_report(report), "constant-depth twin (p_L 1.0):", format_report(twin), "stochastic / constant:"]
+    for name, value in RATIO_KEYS:
+        with contextlib.suppress(KeyError, TypeError, ZeroDivisionError):
+            lines.append(f"  {name}: {value(report) / value(twin):.3f}")
+    return "\n".join(lines)
+
+
 def arg_parser():
     p = cli.parser(__doc__, config=True)
     p.add_argument("--target", required=True, help=f"one of {', '.join(targets.TARGETS)}")
@@ -276,6 +318,8 @@ def arg_parser():
                         "conditionals and loops out of CUDA graphs")
     p.add_argument("--dump-to", default="", help="keep XLA's dump of each call (HLO, GPU thunk sequence) here")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.add_argument("--compare-constant", action="store_true",
+                   help="also compile the config's constant-depth twin (p_last=1.0) and print the ratios")
     p.add_argument(WORKER_FLAG, dest="worker_output", help=argparse.SUPPRESS)
     return p
 
@@ -283,8 +327,13 @@ def arg_parser():
 def run_worker(args) -> None:
     """In the child process: compile and write the report as JSON to the worker output file."""
     options = dict(option.split("=", 1) for option in args.xla_option)
-    report = analyse(args.config, args.target, args.devices, args.cuda_version, args.compiler_options == "project",
-                     args.dump_to, options)
+    analysed = lambda config, dump_to: analyse(config, args.target, args.devices, args.cuda_version,
+                                               args.compiler_options == "project", dump_to, options)
+    report = analysed(args.config.copy_and_resolve_references(), args.dump_to)
+    if args.compare_constant:
+        twin = args.config.copy_and_resolve_references()
+        twin.p_last = 1.0
+        report["constant_twin"] = analysed(twin, os.path.join(args.dump_to, "constant") if args.dump_to else "")
     with open(args.worker_output, "w") as f:
         json.dump(report, f)
 
@@ -327,7 +376,8 @@ def run(args, argv):
     if bad:
         raise AotInputError(f"--xla-option {bad[0]!r} must be KEY=VALUE")
     report = compile_in_child(argv)
-    print(json.dumps(report) if args.json else format_report(report))
+    print(json.dumps(report) if args.json else format_comparison(report, report["constant_twin"])
+          if "constant_twin" in report else format_report(report))
     return report
 
 

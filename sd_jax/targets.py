@@ -135,6 +135,40 @@ TARGETS = {
 }
 
 
+# Peak dense FLOP/s per chip for the dtypes the models compute in, and the TPUs' memory bandwidth
+# (the GPUs' is in their description above), for the step-time lower bound (sd_jax.training.
+# step_estimate). "f32" is the rate a float32 convolution gets at JAX's default precision: TF32
+# tensor cores on NVIDIA since Ampere, one bfloat16 pass of the MXU on TPU, the FP32 units on a T4.
+# NVIDIA's datasheets give tensor rates with 2:4 sparsity: the dense rate is half.
+PEAKS = {
+    "h100": ({"f32": 494.5e12, "bf16": 989.5e12}, None, "NVIDIA H100 datasheet (SXM): TF32 989, BF16 1,979 TFLOPS sparse"),
+    "h200": ({"f32": 494.5e12, "bf16": 989.5e12}, None, "NVIDIA H200 datasheet (SXM): TF32 989, BF16 1,979 TFLOPS sparse"),
+    "a100-40": ({"f32": 156e12, "bf16": 312e12}, None, "NVIDIA A100 datasheet: TF32 156, BF16 312 TFLOPS dense"),
+    "a100-80": ({"f32": 156e12, "bf16": 312e12}, None, "NVIDIA A100 datasheet: TF32 156, BF16 312 TFLOPS dense"),
+    "l4": ({"f32": 60e12, "bf16": 121e12}, None, "NVIDIA L4 datasheet: TF32 120, BF16 242 TFLOPS sparse"),
+    "t4": ({"f32": 8.1e12, "bf16": 8.1e12}, None,
+           "NVIDIA T4 datasheet: FP32 8.1 TFLOPS (no TF32 or BF16 tensor cores: XLA computes bfloat16 in float32)"),
+    "v4": ({"f32": 275e12, "bf16": 275e12}, 1200e9, "Cloud TPU v4 documentation: 275 TFLOPS bf16, 1,200 GB/s HBM"),
+    "v5e": ({"f32": 197e12, "bf16": 197e12}, 819e9, "Cloud TPU v5e documentation: 197 TFLOPS bf16, 819 GB/s HBM"),
+    "v6e": ({"f32": 918e12, "bf16": 918e12}, 1640e9, "Cloud TPU v6e documentation: 918 TFLOPS bf16, 1,640 GB/s HBM"),
+}
+# Seconds per kernel inside a CUDA graph: NVIDIA's "Getting Started with CUDA Graphs" (2019) measured
+# 3.4 us per 2.9 us kernel launched from a graph, 0.5 us between kernels. A TPU program's fused ops
+# follow each other with no published per-op cost: none is counted (the bound stays a lower bound).
+LAUNCH_S = {"gpu": 0.5e-6, "tpu": 0.0}
+LAUNCH_SOURCE = {"gpu": "NVIDIA Technical Blog, Getting Started with CUDA Graphs (2019): 0.5 us per kernel",
+                 "tpu": "not modelled (no published per-op cost)"}
+
+
+def chip(name: str):
+    """The target as the step-time lower bound needs it (`step_estimate.Chip`)."""
+    from sd_jax.training.step_estimate import Chip
+
+    spec = target(name)
+    flops, bandwidth, _ = PEAKS[name]
+    return Chip(flops, bandwidth or spec.memory_bandwidth, LAUNCH_S[spec.platform])
+
+
 def target(name: str):
     if name not in TARGETS:
         raise TargetError(f"unknown target {name!r}; choose one of {', '.join(TARGETS)}")

@@ -128,9 +128,30 @@ def test_gpu_conditionals_and_the_step_loop_run_inside_one_command_buffer():
     train = report["calls"]["train"]
     assert train["conditionals"] == 6 and train["thunks"]["kConditional"] == 6
     assert train["host_round_trips_per_step"] == 0 and train["thunks"]["kCommandBuffer"] >= 1
+    assert_estimate_counts_the_models_work(train, conditionals=6)
     default = aot.analyse(small_config(p_last=0.5), "h100", 1, targets.CUDA_VERSION, project_options=False)
     assert default["calls"]["train"]["host_round_trips_per_step"] == 6 + 1
     assert report["fits"] and report["usable_memory"] == int(0.75 * targets.TARGETS["h100"].memory)
+
+
+def assert_estimate_counts_the_models_work(train: dict, conditionals: int) -> None:
+    """The step estimate's FLOPs, read from the compiled program's convolutions with each gate
+    weighted by its block's survival probability, against the multiply-adds counted from the model's
+    shapes (forward, input and weight gradients: the stem's input gradient is not computed, hence
+    the tolerance); its kernels against the program's, every branch counted. A TPU computes some
+    convolutions on padded tiles: there the count lies between the model's and XLA's own (libtpu's
+    cost analysis, every gate open)."""
+    estimate = train["step_estimate"]
+    assert estimate["conditionals"] == conditionals and estimate["gates_paired_with_blocks"] == (conditionals > 0)
+    expected = train["estimated_flops_per_step"]["expected"]
+    if "thunks" in train:
+        assert estimate["flops"] == pytest.approx(expected, rel=0.05)
+    else:
+        assert 0.95 * expected <= estimate["flops"] <= train["xla_flops_per_step"]
+    assert 0 < estimate["seconds"] and estimate["seconds_per_epoch"] > estimate["seconds"]
+    if "thunks" in train:
+        kernels = sum(n for kind, n in train["thunks"].items() if kind not in ("kConditional", "kWhile", "kCommandBuffer"))
+        assert estimate["kernels"] <= kernels
 
 
 @NEEDS_GPU_COMPILER
@@ -139,6 +160,7 @@ def test_constant_depth_compiles_without_a_conditional_for_a_gpu():
     train = report["calls"]["train"]
     assert train["conditionals"] == 0 and "kConditional" not in train["thunks"]
     assert train["host_round_trips_per_step"] == 0
+    assert_estimate_counts_the_models_work(train, conditionals=0)
 
 
 @NEEDS_GPU_COMPILER
@@ -171,6 +193,7 @@ def test_tpu_compiles_the_training_call_and_says_when_it_does_not_fit(monkeypatc
     assert report["devices"] == 4 and report["device_kind"].startswith("TPU v5")
     assert train["conditionals"] == 6
     assert train["xla_flops_per_step"] > 0 and train["memory"]["total"] > 2**20
+    assert_estimate_counts_the_models_work(train, conditionals=6)
     assert not report["fits"]
     text = aot.format_report(report)
     assert "DOES NOT FIT" in text and "over by" in text
