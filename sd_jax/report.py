@@ -193,22 +193,30 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
-def sweep_points(root: str) -> dict:
-    """{mode: [(p_L, test error at best val), ...]} from the finished runs under a sweep root."""
-    points = {}
+def sweep_points(root: str):
+    """({mode: [(p_L, test error at best val), ...]} of the finished runs under a sweep root,
+    [(mode, p_L), ...] of the grid's runs not finished yet: the grid is the sweep's sweep.json)."""
+    from sd_jax import sweep
+
+    points, finished = {}, set()
     for name in sorted(os.listdir(root)):
         workdir = os.path.join(root, name)
         if os.path.isdir(workdir) and os.path.exists(os.path.join(workdir, records.SUMMARY_FILE)):
             run = load_run(workdir)
             points.setdefault(run.config["survival_mode"], []).append(
                 (run.config["p_last"], run.summary["test_error_at_best_val"]))
-    return {mode: sorted(p) for mode, p in points.items()}
+            finished.add(name)
+    planned = (records.read_json(root, sweep.GRID_FILE) if os.path.exists(os.path.join(root, sweep.GRID_FILE))
+               else {"p_lasts": [], "modes": []})
+    missing = [(mode, p) for mode, p in sweep.grid(planned["p_lasts"], planned["modes"])
+               if sweep.run_name(mode, p) not in finished]
+    return {mode: sorted(p) for mode, p in points.items()}, missing
 
 
-def plot_figure8(points: dict, path: str) -> list:
-    """Test error against p_L for linear decay and uniform survival (paper Fig. 8); returns the
-    plotted series as (label, xs, ys)."""
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+def plot_figure8(points: dict, path: str, missing=()) -> list:
+    """Test error against p_L for linear decay and uniform survival (paper Fig. 8), the grid's runs
+    not finished yet named under the axes; returns the plotted series as (label, xs, ys)."""
+    fig, ax = plt.subplots(figsize=(6, 4.6 if missing else 4.2))
     for mode in sorted(points):
         xs, ys = zip(*points[mode])
         ax.plot(xs, ys, marker="o", label=f"{mode} {'decay' if mode == 'linear' else 'survival'}")
@@ -217,7 +225,10 @@ def plot_figure8(points: dict, path: str) -> list:
            title="Test error against p_L")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
+    if missing:
+        fig.text(0.01, 0.01, "not finished yet: " + ", ".join(f"{mode} p_L={p:g}" for mode, p in missing),
+                 fontsize=8, color="0.35", wrap=True)
+    fig.tight_layout(rect=(0, 0.06 if missing else 0, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return series
@@ -248,12 +259,12 @@ def run(args):
     if args.workdirs:
         print(write_report(args.workdirs, args.out))
     if args.sweep:
-        points = sweep_points(args.sweep)
+        points, missing = sweep_points(args.sweep)
         if not points:
             raise FileNotFoundError(f"no finished runs under {args.sweep}")
         os.makedirs(args.out, exist_ok=True)
-        plot_figure8(points, os.path.join(args.out, "figure8.png"))
-        print(json.dumps(points))
+        plot_figure8(points, os.path.join(args.out, "figure8.png"), missing)
+        print(json.dumps({"points": points, "missing": missing}))
 
 
 def main(argv=None):

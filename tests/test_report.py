@@ -83,24 +83,6 @@ def test_table_quotes_the_published_numbers_for_the_same_setting():
     assert report.references_for(run, "train_time_s") == {"paper": 74520}
 
 
-def test_sweep_runs_both_modes_resumably_and_plots_both_series(tmp_path):
-    command = [sys.executable, "-m", "sd_jax.sweep", "--config", "configs/quickstart.py", "--root",
-               str(tmp_path / "sweep"), "--p-last", "0.3,0.7", "--modes", "linear,uniform",
-               "--config.dataset=synthetic", "--config.depth=8", "--config.num_epochs=1", "--config.lr_boundaries=(2,)"]
-    first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert first.returncode == 0, first.stderr[-3000:]
-    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and again.stderr.count("is finished; skipping it") == 4
-    points = report.sweep_points(str(tmp_path / "sweep"))
-    assert sorted(points) == ["linear", "uniform"] and all([p for p, _ in v] == [0.3, 0.7] for v in points.values())
-    series = report.plot_figure8(points, str(tmp_path / "figure8.png"))
-    assert [label for label, _, _ in series] == ["linear decay", "uniform survival"]
-    assert all(xs == [0.3, 0.7] for _, xs, _ in series)
-    cli = subprocess.run([sys.executable, "-m", "sd_jax.report", "--sweep", str(tmp_path / "sweep"), "--out",
-                          str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert cli.returncode == 0 and os.path.getsize(tmp_path / "out" / "figure8.png") > 1000
-
-
 def test_report_cli_errors_on_an_unfinished_workdir(tmp_path):
     result = subprocess.run([sys.executable, "-m", "sd_jax.report", str(tmp_path), "--out", str(tmp_path / "o")],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
