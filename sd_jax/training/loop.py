@@ -235,9 +235,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, restart:
     disk_faults.drop_background_reports()
     run_files = records.Workdir(workdir, parallel.is_primary())
     run_files.check(config, restart)
-    with hold_for_job(workdir, take_over):
+    with hold_for_job(workdir, take_over) as take_hold:
         wall_start = time.perf_counter()
         experiment = make_experiment(config)
+        take_hold()
         run_files.start(config, restart)
         ran_on = provenance.provenance()  # once: it asks git for the commit
         log_start(experiment, ran_on)

@@ -171,19 +171,32 @@ class WorkdirHold:
 
 @contextlib.contextmanager
 def hold_for_job(workdir: str, take_over: bool = False):
-    """Hold `workdir` for the whole job while the block runs: process 0 takes the hold and tells
-    the job's other processes whether it could, so a refused job stops in every process."""
-    hold, refusal = WorkdirHold(workdir, take_over), None
-    if jax.process_index() == 0:
-        try:
-            hold.take()
-        except WorkdirError as e:
-            refusal = e
-    if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(np.int32(refusal is not None)):
-        refusal = refusal or WorkdirError(f"workdir {workdir!r} is in use by another run (process 0 says which)")
-    if refusal is not None:
-        raise refusal
+    """Hold `workdir` for the whole job while the block runs; yields `take()`, which the block calls
+    right before its first write. A workdir that exists is taken on entry (a second run is refused
+    at once); one that does not is created and taken by `take()`, so a run refused for its config or
+    data leaves nothing behind. Process 0 takes the hold and tells the job's other processes the
+    outcome, so a refused job stops in every process."""
+    hold, taken = WorkdirHold(workdir, take_over), []
+
+    def take(only_if_exists: bool = False) -> None:
+        if taken:
+            return
+        outcome, refusal = 0, None  # 0: not yet, 1: held, 2: refused
+        if jax.process_index() == 0 and not (only_if_exists and not os.path.isdir(workdir)):
+            try:
+                hold.take()
+                outcome = 1
+            except WorkdirError as e:
+                outcome, refusal = 2, e
+        if jax.process_count() > 1:
+            outcome = int(multihost_utils.broadcast_one_to_all(np.int32(outcome)))
+        if outcome == 2:
+            raise refusal or WorkdirError(f"workdir {workdir!r} is in use by another run (process 0 says which)")
+        if outcome == 1:
+            taken.append(True)
+
+    take(only_if_exists=True)
     try:
-        yield hold
+        yield take
     finally:
         hold.release()
