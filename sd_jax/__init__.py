@@ -2,18 +2,23 @@
 
 The public API, what the README, the notebooks and the docs use: the stochastic-depth layer, the
 two model families, configs, training, the PyTorch weight loaders and `compiler.jit`. Everything
-else is reached through its module (README, "How the code is laid out").
+else is reached through its module (README, "How the code is laid out"). The names are loaded on
+first use, so `import sd_jax.runtime` (a notebook choosing its JAX build) does not import JAX.
 """
+import importlib
 
 __version__ = "0.1.0"  # the one place: pyproject.toml reads it
 
-from sd_jax.config import load_config  # noqa: E402
-from sd_jax.interop import from_torch_state_dict, from_torchvision_state_dict  # noqa: E402
-from sd_jax.layers.stochastic_depth import StochasticDepth  # noqa: E402
-from sd_jax.models.cifar import ResNetCIFAR  # noqa: E402
-from sd_jax.models.imagenet import ResNetImageNet  # noqa: E402
-from sd_jax.training import compiler  # noqa: E402  (`compiler.jit`: jax.jit with the project's XLA options)
-from sd_jax.training.loop import train_and_evaluate  # noqa: E402
+_HOMES = {"load_config": "sd_jax.config", "from_torch_state_dict": "sd_jax.interop",
+          "from_torchvision_state_dict": "sd_jax.interop", "StochasticDepth": "sd_jax.layers.stochastic_depth",
+          "ResNetCIFAR": "sd_jax.models.cifar", "ResNetImageNet": "sd_jax.models.imagenet",
+          "compiler": "sd_jax.training.compiler",  # `compiler.jit`: jax.jit with the project's XLA options
+          "train_and_evaluate": "sd_jax.training.loop"}
+__all__ = [*_HOMES, "__version__"]
 
-__all__ = ["StochasticDepth", "ResNetCIFAR", "ResNetImageNet", "load_config", "train_and_evaluate",
-           "from_torch_state_dict", "from_torchvision_state_dict", "compiler", "__version__"]
+
+def __getattr__(name):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'sd_jax' has no attribute {name!r}")
+    home = importlib.import_module(_HOMES[name])
+    return home if _HOMES[name].endswith("." + name) else getattr(home, name)  # compiler: the module itself

@@ -52,6 +52,13 @@ def show_progress(primary: bool = True) -> None:
     package_log.propagate = False
 
 
+def format_duration(seconds: float) -> str:
+    """"1h05m" or "4m07s": a duration for progress lines and tables."""
+    hours, rest = divmod(int(round(seconds)), 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
 def main(arg_parser: argparse.ArgumentParser, run, argv=None, extra_exit_codes=()):
     """Parse `argv` (default: the command line), load the config if the parser takes one, and
     return run(args); a known failure (EXIT_CODES, and the tool's own `extra_exit_codes`) becomes

@@ -170,7 +170,7 @@ def table_markdown(runs) -> str:
         s, c = run.summary, run.config
         lines.append(f"| {os.path.basename(os.path.normpath(run.workdir))} | {c['dataset']} | {c['depth']} "
                      f"| {c['p_last']:g} | {run.schedule} | {s['epochs_completed']} | {s['test_error_at_best_val']:.2f} "
-                     f"| {s['best_val_epoch']} | {s['final_test_error']:.2f} | {format_duration(s['train_time_s'])} "
+                     f"| {s['best_val_epoch']} | {s['final_test_error']:.2f} | {cli.format_duration(s['train_time_s'])} "
                      f"| {provenance.hardware(s.get('provenance'))} | {paper} | {torch} |")
     differences = provenance.differences([run.summary.get("provenance") for run in runs])
     if len(runs) > 1 and differences:
@@ -185,12 +185,6 @@ def table_markdown(runs) -> str:
                              f"{t['note'].split(',')[0]}" for t in paper_times) + ".")
     lines.append("\nSources: " + "; ".join(f"{k}: {v}" for k, v in sources.items()) + ".")
     return "\n".join(lines) + "\n"
-
-
-def format_duration(seconds: float) -> str:
-    hours, rest = divmod(int(round(seconds)), 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 def sweep_points(root: str):

@@ -16,16 +16,14 @@ sweep exits 143 / 130. `--shard I/N` takes every N-th run of the grid from the I
 job's task I of N): N tasks cover the grid exactly once (docs/runs.md, "Sweeps").
 """
 import argparse
-import glob
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 
-from sd_jax import cli
+from sd_jax import cli, runtime
 from sd_jax.training import records
 
 log = logging.getLogger("sd_jax.sweep")  # not __name__: it is "__main__" under python -m
@@ -76,23 +74,6 @@ def parse_shard(text: str):
         raise SweepInputError(f"--shard takes I/N (task I of N, from 0), got {text!r}") from None
     shard([], index, count)
     return index, count
-
-
-def local_accelerators():
-    """("gpu" | "tpu" | "cpu", device ids) of this machine, found without starting JAX (a TPU chip
-    can be opened by one process only; a GPU would lose the memory JAX reserves)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and visible.strip():
-        return "gpu", [d for d in visible.split(",") if d.strip()]
-    if shutil.which("nvidia-smi"):
-        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
-        gpus = [line for line in listed.stdout.splitlines() if line.startswith("GPU ")]
-        if listed.returncode == 0 and gpus:
-            return "gpu", [str(i) for i in range(len(gpus))]
-    chips = sorted(glob.glob("/dev/accel[0-9]*")) or sorted(glob.glob("/dev/vfio/[0-9]*"))
-    if chips:
-        return "tpu", [str(i) for i in range(len(chips))]
-    return "cpu", ["0"]
 
 
 def device_env(platform: str, device: str, slot: int, runs_per_device: int) -> dict:
@@ -180,7 +161,7 @@ class Sweep:
         eta = epoch_s * self.num_epochs * left / (len(self.devices) * self.runs_per_device)
         log.info("sweep: %s finished, test error at best validation %.2f%%; %d done, %d to go (%d running), "
                  "about %s left", name, self.finished[-1]["test_error_at_best_val"], len(self.finished), left,
-                 len(self.running), format_seconds(eta))
+                 len(self.running), cli.format_duration(eta))
 
     def run(self) -> None:
         pending = list(self.names)
@@ -202,16 +183,12 @@ class Sweep:
                 signal.signal(s, handler)
 
 
-def format_seconds(seconds: float) -> str:
-    hours, rest = divmod(int(round(seconds)), 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
-
-
 def run_sweep(config, root: str, p_lasts, modes, argv: list, parallel=None, runs_per_device: int = 1,
               shard_of=(0, 1)) -> list:
     """Train this task's share of the grid under `root`, `parallel` devices at a time; returns the
     workdirs. `argv`: the sweep's own command-line arguments, which each run's process gets again."""
-    platform, devices = local_accelerators()
+    found = runtime.local_accelerators()
+    platform, devices = found.platform, found.ids
     if platform == "cpu" and parallel:
         devices = ["cpu"] * parallel
     devices = devices[:parallel] if parallel else devices

@@ -120,6 +120,7 @@ def test_a_compiler_crash_is_reported_with_exit_code_3(tmp_path):
     assert "persistent cache: False" in result.stderr
 
 
+@pytest.mark.slow  # deviceless compilations: left to the full run
 @NEEDS_GPU_COMPILER
 def test_gpu_conditionals_and_the_step_loop_run_inside_one_command_buffer():
     """H100, depth 8 at p_L 0.5: with the project's options no conditional or loop waits for the
@@ -154,6 +155,7 @@ def assert_estimate_counts_the_models_work(train: dict, conditionals: int) -> No
         assert estimate["kernels"] <= kernels
 
 
+@pytest.mark.slow  # deviceless compilations: left to the full run
 @NEEDS_GPU_COMPILER
 def test_constant_depth_compiles_without_a_conditional_for_a_gpu():
     report = aot.analyse(small_config(p_last=1.0), "h100", 1, targets.CUDA_VERSION, project_options=True)
@@ -163,6 +165,7 @@ def test_constant_depth_compiles_without_a_conditional_for_a_gpu():
     assert_estimate_counts_the_models_work(train, conditionals=0)
 
 
+@pytest.mark.slow  # deviceless compilations: left to the full run
 @NEEDS_GPU_COMPILER
 def test_on_several_gpus_the_gates_stay_in_the_graph_with_their_all_reduces():
     """Two H100s: synchronised BatchNorm puts an all-reduce inside every gate; with COLLECTIVES
@@ -173,6 +176,7 @@ def test_on_several_gpus_the_gates_stay_in_the_graph_with_their_all_reduces():
     assert train["host_round_trips_per_step"] == 0
 
 
+@pytest.mark.slow  # deviceless compilations: left to the full run
 @NEEDS_GPU_COMPILER
 def test_gpu_described_with_an_old_cuda_keeps_conditionals_on_the_host():
     """XLA drops the CONDITIONAL and WHILE command-buffer types below CUDA 12.3 (what a user with
@@ -181,6 +185,7 @@ def test_gpu_described_with_an_old_cuda_keeps_conditionals_on_the_host():
     assert report["calls"]["train"]["host_round_trips_per_step"] == 6 + 1
 
 
+@pytest.mark.slow
 @NEEDS_TPU_COMPILER
 def test_tpu_compiles_the_training_call_and_says_when_it_does_not_fit(monkeypatch):
     """Four v5e chips (their memory shrunk to 1 MiB for the verdict): the TPU keeps the 6

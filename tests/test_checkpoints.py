@@ -95,6 +95,7 @@ def assert_same_run(workdir, reference) -> None:
             == without_timing(records.read_json(str(reference), records.SUMMARY_FILE)))
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_matches_uninterrupted_run(tmp_path, reference_run):
     workdir = tmp_path / "killed"
     process = subprocess.Popen(train_command(workdir), cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -121,6 +122,7 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted_run(tmp_path, referen
     assert_events_match_metrics(workdir)
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_the_step_reached_and_the_rerun_resumes_exactly(tmp_path, reference_run):
     """SIGTERM inside an epoch: the call in flight finishes, that step is checkpointed (with the
     interval's training sums) and the run exits 143; the same command resumes it to the identical
@@ -239,6 +241,7 @@ def test_injected_nan_stops_with_epoch_and_keeps_good_checkpoints(tmp_path, monk
     ckpts.close()
 
 
+@pytest.mark.slow
 def test_diverging_run_exits_3(tmp_path):
     result = subprocess.run(train_command(tmp_path / "run", "--config.learning_rate=1e12"), cwd=ROOT,
                             capture_output=True, text=True, timeout=600)
@@ -246,6 +249,7 @@ def test_diverging_run_exits_3(tmp_path):
     assert "training loss became" in result.stderr and "epoch 1" in result.stderr
 
 
+@pytest.mark.slow
 def test_incompatible_resume_names_keys_and_restart_starts_over(tmp_path, finished_run):
     workdir = tmp_path / "copy"
     shutil.copytree(finished_run, workdir)
@@ -299,6 +303,7 @@ def error_lines(stderr: str) -> list:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_with_one_message_and_the_rerun_resumes_exactly(small_file_system, reference_run):
     workdir = small_file_system / "run"
     full = subprocess.run(train_command(workdir), cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -316,6 +321,7 @@ def test_a_full_disk_stops_with_one_message_and_the_rerun_resumes_exactly(small_
     assert_same_run(workdir, reference_run)
 
 
+@pytest.mark.slow
 def test_a_workdir_made_read_only_during_the_run_stops_with_one_message_and_the_rerun_resumes_exactly(
         tmp_path, reference_run):
     """The run's process lacks root's override of file permissions (setpriv), as a user's would; the

@@ -16,6 +16,8 @@ from tests.conftest import ROOT, forced_host_devices_env
 from tests.test_checkpoints import wait_for_metrics, without_timing
 from tests.test_training import tiny_config
 
+pytestmark = pytest.mark.slow  # the quick subset (README) leaves these to the full run
+
 SMOKE = ["--config", "configs/imagenet_resnet50_composer_sd.py", "--config.data_source=synthetic",
          "--config.synthetic_images=(24,4)", "--config.image_size=32", "--config.batch_size=4",
          "--config.eval_batch_size=4", "--config.num_epochs=3", "--config.lr_warmup_epochs=1",

@@ -19,6 +19,8 @@ from tests.conftest import ROOT
 from tests.test_checkpoints import wait_for_metrics, without_timing
 from tests.test_training import tiny_config
 
+pytestmark = pytest.mark.slow  # the quick subset (README) leaves these to the full run
+
 SETTINGS = dict(num_epochs=10)  # long enough for a stop signal to act
 OVERRIDES = ["--config.dataset=synthetic", "--config.depth=8", "--config.num_epochs=10", "--config.lr_boundaries=(2,)",
              "--config.steps_per_call=3", "--config.eval_batch_size=100"]

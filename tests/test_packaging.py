@@ -4,11 +4,14 @@ import subprocess
 import sys
 import zipfile
 
+import pytest
+
 import sd_jax
 from sd_jax.config import config_names
 from tests.conftest import ROOT
 
 
+@pytest.mark.slow
 def test_wheel_ships_the_configs_and_the_reference_results(tmp_path):
     result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
                              "-w", str(tmp_path), ROOT], capture_output=True, text=True, timeout=300)

@@ -9,6 +9,8 @@ import pytest
 
 from tests.conftest import ROOT, forced_host_devices_env
 
+pytestmark = pytest.mark.slow  # the quick subset (README) leaves these to the full run
+
 
 UNEVEN = {"batch_size": 96, "num_epochs": 2}  # the authors' convention trains the partial batch
 # name: (devices, task, config overrides). One worker process per device count runs its jobs in

@@ -107,6 +107,7 @@ def test_stored_quickstart_shows_outputs_made_by_its_code():
     assert any("test error at best validation" in o.get("text", "") for o in outputs)
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_runs_the_config_file(tmp_path):
     ns = run_notebook(os.path.join(ROOT, "notebooks", "quickstart.ipynb"),
                       'INSTALL = False\nREPO = ""\nWORKDIR = "run"\nREPORT_DIR = "report"\n'
@@ -120,9 +121,10 @@ def test_quickstart_notebook_runs_the_config_file(tmp_path):
     assert records.read_json(str(tmp_path / "run"), records.CONFIG_FILE) == json.loads(expected.to_json_best_effort())
 
 
+@pytest.mark.slow
 def test_reproduce_paper_notebook_runs(tmp_path):
     ns = run_notebook(os.path.join(ROOT, "notebooks", "reproduce_paper.ipynb"),
-                      'INSTALL = False\nREPO = ""\nTRAIN = True\n'
+                      'INSTALL = False\nREPO = ""\nTRAIN = True\nUSE_DRIVE = False\n'
                       'WORKDIRS = {"constant": "c", "stochastic": "s"}\nREPORT_DIR = "report"\n'
                       'OVERRIDES = {"dataset": "synthetic", "depth": 8, "num_epochs": 2, "lr_boundaries": (2,)}\n',
                       tmp_path)

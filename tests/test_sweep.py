@@ -46,6 +46,7 @@ def sequential(tmp_path_factory):
     return root, first.stderr
 
 
+@pytest.mark.slow
 def test_the_sequential_sweep_reports_each_run_and_plots_figure8(sequential, tmp_path):
     root, log = sequential
     assert [f"sweep: {name} finished, test error at best validation" in log for name in NAMES] == [True] * 4
@@ -59,6 +60,7 @@ def test_the_sequential_sweep_reports_each_run_and_plots_figure8(sequential, tmp
     assert cli.returncode == 0 and os.path.getsize(tmp_path / "out" / "figure8.png") > 1000
 
 
+@pytest.mark.slow
 def test_two_at_a_time_gives_the_sequential_results(sequential, tmp_path):
     reference, _ = sequential
     result = run_sweep(tmp_path / "parallel", "--parallel", "2")
@@ -67,6 +69,7 @@ def test_two_at_a_time_gives_the_sequential_results(sequential, tmp_path):
     assert_same_runs(tmp_path / "parallel", reference)
 
 
+@pytest.mark.slow
 def test_sigterm_reaches_every_run_and_the_rerun_finishes_the_grid_exactly(sequential, tmp_path):
     reference, _ = sequential
     root = tmp_path / "stopped"
@@ -87,6 +90,7 @@ def test_sigterm_reaches_every_run_and_the_rerun_finishes_the_grid_exactly(seque
     assert_same_runs(root, reference)
 
 
+@pytest.mark.slow
 def test_a_failing_run_leaves_the_others_finished_and_the_sweep_exits_3(sequential, tmp_path):
     reference, _ = sequential
     root = tmp_path / "failing"

@@ -29,6 +29,7 @@ def holder_token(workdir) -> str:
     return json.loads((workdir / LOCK_FILE).read_text())["token"]
 
 
+@pytest.mark.slow
 def test_a_second_run_is_refused_while_the_first_trains_and_writes_nothing(tmp_path):
     workdir = tmp_path / "run"
     first = subprocess.Popen(train_command(workdir, "--config.num_epochs=100"), cwd=ROOT, stdout=subprocess.DEVNULL,
