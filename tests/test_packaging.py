@@ -22,3 +22,14 @@ def test_wheel_ships_the_configs_and_the_reference_results(tmp_path):
     assert "sd_jax/reference_results.json" in names
     assert {f"sd_jax/configs/{name}.py" for name in config_names()} <= names  # configs/ installed as sd_jax.configs
     assert "quickstart" in config_names() and len(config_names()) == 14
+
+
+def test_every_module_imports():
+    """Each module of the package (the quick subset's guarantee that nothing is left unimported)."""
+    import importlib
+    import pkgutil
+
+    names = [m.name for m in pkgutil.walk_packages(sd_jax.__path__, "sd_jax.")]
+    assert {"sd_jax.sweep", "sd_jax.runtime", "sd_jax.training.step_estimate", "sd_jax.data.tfds"} <= set(names)
+    for name in names:
+        importlib.import_module(name)
