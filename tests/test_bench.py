@@ -18,6 +18,7 @@ def run_bench(capsys, *extra):
     return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
 
 
+@pytest.mark.slow
 def test_bench_reports_each_configuration_and_a_summary(capsys):
     rows = run_bench(capsys, "--scan-blocks")
     *configs, summary = rows
@@ -56,6 +57,7 @@ def test_bottleneck_costs_match_the_published_multiply_adds(depth, p_last, gmacs
     assert bench.expected_step_ratio(kept, 224) > bench.expected_step_ratio(model, 224)
 
 
+@pytest.mark.slow
 def test_bench_times_the_bottleneck_model_unrolled_and_scanned(capsys):
     bench.main(["--model", "resnet_imagenet", "--image-size", "32", "--batch-size", "2", "--steps", "1",
                 "--rounds", "1", "--configs", "stochastic", "--scan-blocks", "both"])
@@ -90,6 +92,7 @@ def test_bench_with_torch_peer(capsys):
     assert summary["speedup_vs_peer"] == pytest.approx(rows[3]["step_s_median"] / rows[2]["step_s_median"])
 
 
+@pytest.mark.slow
 def test_bench_times_with_and_without_the_project_compiler_options(capsys):
     rows = run_bench(capsys, "--compiler-options", "both", "--configs", "constant")
     *configs, summary = rows
@@ -99,6 +102,7 @@ def test_bench_times_with_and_without_the_project_compiler_options(capsys):
     assert compiler.compiler_options() == summary["compiler_options"]  # restored after the "none" build
 
 
+@pytest.mark.slow
 def test_bench_times_with_and_without_the_partial_batch_mask(capsys):
     rows = run_bench(capsys, "--batch-mask", "both", "--configs", "constant")
     *configs, summary = rows

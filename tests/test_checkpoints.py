@@ -199,6 +199,7 @@ def test_evaluate_cli_agrees_with_recorded_metrics(finished_run, which, capsys):
         assert result["epoch"] == records.read_json(finished_run, records.SUMMARY_FILE)["best_val_epoch"]
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
     workdir = str(tmp_path / "run")
     config = tiny_config(num_epochs=3)

@@ -60,6 +60,7 @@ def test_an_option_this_xla_does_not_know_is_dropped_with_a_warning(no_user_flag
     assert float(compiler.jit(jnp.sum)(jnp.arange(4.0))) == 6.0
 
 
+@pytest.mark.slow
 @CPU_ONLY
 def test_the_initialisation_options_give_the_default_compiles_weights_bit_for_bit(no_user_flags):
     assert compiler.compiler_options(table=compiler.INIT_OPTIONS) == compiler.INIT_OPTIONS["cpu"]

@@ -179,6 +179,7 @@ def test_files_source_needs_a_data_dir():
                                                fx.binary_batches("cifar100", fx.cifar_arrays(100)))),
     ("svhn", lambda root: fx.write_svhn(root, fx.svhn_arrays())),
 ])
+@pytest.mark.slow
 def test_train_py_end_to_end_on_generated_files(tmp_path, name, write):
     import json
     import subprocess

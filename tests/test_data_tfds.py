@@ -20,6 +20,7 @@ def cache_files(data_dir):
     return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
 
 
+@pytest.mark.slow
 def test_cifar10_through_tfds_is_split_checked_and_cached(tmp_path):
     data_dir = str(tmp_path)
     with tfds.testing.mock_data(num_examples=5200):
@@ -33,6 +34,7 @@ def test_cifar10_through_tfds_is_split_checked_and_cached(tmp_path):
     np.testing.assert_array_equal(again.test.labels, first.test.labels)
 
 
+@pytest.mark.slow
 def test_svhn_through_tfds_uses_train_and_extra(tmp_path):
     with tfds.testing.mock_data(num_examples=5000):
         svhn = cifar_svhn.load_dataset("svhn", str(tmp_path), "tfds")
@@ -52,6 +54,7 @@ def test_offline_without_prepared_data_fails_fast_and_says_how_to_fix(tmp_path):
     assert cache_files(str(tmp_path)) == []
 
 
+@pytest.mark.slow
 @offline
 def test_damaged_cache_is_not_trusted(tmp_path):
     data_dir = str(tmp_path)
@@ -66,6 +69,7 @@ def test_damaged_cache_is_not_trusted(tmp_path):
         assert len(cifar_svhn.load_dataset("cifar10", data_dir, "tfds").val) == 5000
 
 
+@pytest.mark.slow
 @offline
 def test_following_the_offline_advice_in_the_same_workdir_works(tmp_path):
     """The paper config offline exits 2 and writes nothing, so the advised data_source='files' run

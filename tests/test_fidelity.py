@@ -31,6 +31,7 @@ def leaves_named(tree, name):
             if getattr(path[-1], "key", None) == name]
 
 
+@pytest.mark.slow
 def test_batchnorm_scale_starts_uniform_in_0_1_like_torch7():
     scales = np.concatenate([s.ravel() for s in leaves_named(init_params(bn_scale_init="uniform"), "scale")])
     assert scales.size == 16 + 2 * (18 * 16 + 18 * 32 + 18 * 64)  # stem + two BNs per block
@@ -93,6 +94,7 @@ def test_cifar_epoch_has_352_steps_and_sees_every_image_once():
     assert float(sums["images"]) == 1024 and float(sums["steps"]) == 11
 
 
+@pytest.mark.slow
 def test_partial_batch_step_equals_a_step_on_its_real_images_alone():
     # The padded last batch (8 real images of 32) must update parameters and BatchNorm statistics
     # exactly as a batch of those 8 images alone: the loss is their mean, statistics their own.

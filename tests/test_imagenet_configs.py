@@ -26,6 +26,7 @@ IMAGENET_CONFIGS = {  # name: (depth, p_last)
 }
 
 
+@pytest.mark.slow
 def test_without_the_data_train_py_stops_at_once_and_says_where_it_goes(tmp_path):
     workdir = tmp_path / "run"
     result = subprocess.run([sys.executable, "train.py", "--config", "configs/imagenet_resnet50_composer_sd.py",
@@ -122,6 +123,7 @@ def test_published_imagenet_numbers_reach_the_report():
     assert isinstance(model, ResNetImageNet) and model.survival_probabilities()[-1] == pytest.approx(0.6)
 
 
+@pytest.mark.slow
 def test_the_bottleneck_model_trains_through_the_training_loop(tmp_path):
     """train_and_evaluate with model="resnet_imagenet" (on the 8x8 digits until the ImageNet
     pipeline exists; one epoch keeps it short): the config's model, cosine schedule and survival

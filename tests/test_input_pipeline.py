@@ -231,6 +231,7 @@ def test_without_the_tars_tfds_fails_at_once_naming_them(tmp_path):
     assert str(tmp_path / "downloads" / "manual") in message and "data_source='files'" in message
 
 
+@pytest.mark.slow
 def test_bench_input_times_the_loader_and_the_host_fed_step(capsys, tmp_path):
     from sd_jax import bench_input  # imports TensorFlow: see the `ip` fixture
 

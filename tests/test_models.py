@@ -52,6 +52,7 @@ def test_option_a_shortcut_subsamples_and_appends_zero_channels():
     np.testing.assert_array_equal(option_a_shortcut(jnp.asarray(x), 3, 1), x)
 
 
+@pytest.mark.slow
 def test_scan_and_unrolled_agree_given_the_same_weights():
     depth = 20
     x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
@@ -75,6 +76,7 @@ def test_scan_and_unrolled_agree_given_the_same_weights():
     assert jax.tree.structure(to_scanned_layout(unrolled_vars, depth)) == jax.tree.structure(variables)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan_blocks", [False, True])
 def test_gates_count_active_blocks(scan_blocks):
     from sd_jax.models.cifar import active_blocks
@@ -91,6 +93,7 @@ def test_gates_count_active_blocks(scan_blocks):
     assert abs(np.mean(counts) - expected) < 4 * np.sqrt(2.0 / 60)  # variance per step < 9 * 0.25
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_float32_params():
     model = ResNetCIFAR(20, dtype=jnp.bfloat16)
     x = jnp.ones((2, 16, 16, 3))
@@ -102,6 +105,7 @@ def test_bfloat16_compute_float32_params():
     np.testing.assert_allclose(logits, ref, atol=0.1, rtol=0.05)
 
 
+@pytest.mark.slow
 def test_cifar_model_unchanged_against_the_stored_reference():
     """Outputs, BatchNorm updates, gates and gradients equal those stored before the layer learnt
     projection shortcuts (tests/cifar_reference.py): bit for bit on the JAX version, backend and CPU

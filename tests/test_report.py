@@ -29,6 +29,7 @@ def two_runs(tmp_path_factory):
     return workdirs
 
 
+@pytest.mark.slow
 def test_report_files_and_table_numbers(two_runs, tmp_path):
     out = str(tmp_path / "report")
     table = report.write_report(two_runs, out)

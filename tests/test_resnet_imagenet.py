@@ -89,6 +89,7 @@ def test_eval_scales_the_branch_by_its_survival_probability(p):
                                atol=1e-5)
 
 
+@pytest.mark.slow
 def test_scanned_and_unrolled_resnet50_agree_and_each_droppable_block_is_a_conditional():
     x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
     unrolled = ResNetImageNet(50, num_classes=10, p_last=0.8)
@@ -107,6 +108,7 @@ def test_scanned_and_unrolled_resnet50_agree_and_each_droppable_block_is_a_condi
     assert text.count("stablehlo.case") == forward_and_backward
 
 
+@pytest.mark.slow
 def test_a_few_steps_of_resnet50_lower_the_loss():
     model = ResNetImageNet(50, num_classes=10, p_last=0.8, scan_blocks=True, zero_init_last_bn=True)
     x = jax.random.normal(jax.random.key(0), (8, 32, 32, 3))
@@ -132,6 +134,7 @@ def test_a_few_steps_of_resnet50_lower_the_loss():
     assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0], losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("p_last", [1.0, 0.8])
 def test_torchvision_weights_give_torchvisions_logits(p_last):
     """ResNet-50 with random weights after a few PyTorch training steps (BatchNorm statistics away

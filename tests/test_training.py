@@ -37,6 +37,7 @@ def count_conditionals(config):
     return compiled.count_conditionals(hlo)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan_blocks,p_last,expected", [(False, 0.5, 2 * 9), (True, 0.5, 2 * 6), (False, 1.0, 2 * 9),
                                                          (True, 1.0, 2 * 6)])
 def test_compiled_train_step_has_a_conditional_per_gated_block(scan_blocks, p_last, expected):
@@ -51,6 +52,7 @@ def test_sample_mode_has_no_conditional():
     assert count_conditionals(tiny_config(drop_mode="sample")) == 0
 
 
+@pytest.mark.slow
 def test_warmup_starts_with_every_block_active():
     config = tiny_config(p_last=0.05, drop_warmup=0.5, depth=14)
     run = make_experiment(config)
@@ -109,6 +111,7 @@ def run_train(args, cwd=ROOT):
                           timeout=600)
 
 
+@pytest.mark.slow
 def test_quickstart_writes_its_files_and_reaches_target(tmp_path):
     workdir = tmp_path / "quickstart"
     result = run_train(["--config", "configs/quickstart.py", "--workdir", str(workdir)])
@@ -258,6 +261,7 @@ def test_learning_rate_warmup_then_decays():
     assert {step: pytest.approx(float(schedule(step))) for step in expected} == expected
 
 
+@pytest.mark.slow
 def test_bfloat16_training_runs_and_learns(tmp_path):
     train_and_evaluate(tiny_config(dtype="bfloat16", num_epochs=2, lr_boundaries=(2,)), str(tmp_path))
     lines = records.read_metrics(str(tmp_path))
@@ -265,6 +269,7 @@ def test_bfloat16_training_runs_and_learns(tmp_path):
     assert lines[-1]["train_loss"] < lines[0]["train_loss"]
 
 
+@pytest.mark.slow
 def test_compilation_cache_is_written_where_configured_and_can_be_turned_off(tmp_path):
     """The default cache lives under ~/.cache/sd_jax/jax (HOME points into tmp_path here); "" writes none."""
     quick = ["--config", "quickstart", "--config.num_epochs=1", "--config.lr_boundaries=(2,)", "--config.depth=8"]
