@@ -104,6 +104,13 @@ def test_short_run_learns_and_is_reproducible(tmp_path):
     assert first["test_error_at_best_val"] == again["test_error_at_best_val"]
     assert lines_a[0]["lr"] == 0.1 and lines_a[2]["lr"] == pytest.approx(0.01)
     assert 0 < lines_a[0]["mean_active_blocks"] <= 3
+    startup = first["startup_s"]
+    assert records.read_json(str(tmp_path / "a"), records.SUMMARY_FILE)["startup_s"] == startup
+    assert list(startup) == ["data", "initialisation", "data on the devices", "compile of the training call",
+                             "first training call", "first evaluation"]
+    assert all(seconds >= 0 for seconds in startup.values())
+    assert first["compile_s"] == startup["compile of the training call"]
+    assert sum(startup.values()) < first["wall_time_s"]
 
 
 def run_train(args, cwd=ROOT):

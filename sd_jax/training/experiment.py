@@ -10,6 +10,7 @@ from jax.sharding import Mesh, PartitionSpec
 from sd_jax.data import cifar_svhn, imagenet
 
 from sd_jax.training import parallel
+from sd_jax.training.startup import untimed
 from sd_jax.config import HOST_FED_DATASETS, ConfigError, resolve_convention
 from sd_jax.training.plan import TrainingPlan, TrainState, make_plan, make_train_state, run_keys
 
@@ -52,26 +53,30 @@ class Experiment:
     eval_data: dict
 
 
-def make_experiment(config: ml_collections.ConfigDict) -> Experiment:
+def make_experiment(config: ml_collections.ConfigDict, phase=untimed) -> Experiment:
     """Load the data onto the devices and build the plan and the initial state (the convention keys
     of `config` left at None are set from its convention). Every check that needs the data (batch
-    size, number of classes) raises ConfigError here, before anything is written."""
+    size, number of classes) raises ConfigError here, before anything is written. `phase(name)`:
+    a context timing each step (`startup.StartupClock.phase`)."""
     resolve_convention(config)
     host_fed = config.dataset in HOST_FED_DATASETS
-    dataset = imagenet.load(config) if host_fed else cifar_svhn.load_dataset(config.dataset, config.data_dir,
-                                                                        config.data_source)
+    with phase("data"):
+        dataset = imagenet.load(config) if host_fed else cifar_svhn.load_dataset(config.dataset, config.data_dir,
+                                                                            config.data_source)
     if config.num_classes is not None and config.num_classes != dataset.num_classes:
         raise ConfigError(f"num_classes={config.num_classes} but {dataset.name} has {dataset.num_classes} "
                           "classes; leave num_classes unset to take it from the dataset")
     mesh = parallel.make_mesh()
     plan = make_plan(config, len(dataset.train), dataset.num_classes, dataset.translate, dataset.flip, mesh)
     keys = parallel.replicate(run_keys(config.seed), mesh)
-    state = parallel.replicate(make_train_state(keys["init"], plan, dataset.image_shape), mesh)
+    with phase("initialisation"):
+        state = parallel.replicate(make_train_state(keys["init"], plan, dataset.image_shape), mesh)
     mean, std = dataset.normalization(config.normalization)
     if host_fed:  # the images stay on the host: sd_jax.data.input_pipeline feeds them (HostFeed)
         return Experiment(config, dataset, plan, keys, state, parallel.replicate({"mean": mean, "std": std}, mesh),
                           None)
-    train_data = parallel.replicate({"images": dataset.train.images, "labels": dataset.train.labels,
-                                     "mean": mean, "std": std}, mesh)
-    eval_data = device_eval_data(dataset, config.eval_batch_size, mesh, mean, std)
+    with phase("data on the devices"):
+        train_data = parallel.replicate({"images": dataset.train.images, "labels": dataset.train.labels,
+                                         "mean": mean, "std": std}, mesh)
+        eval_data = device_eval_data(dataset, config.eval_batch_size, mesh, mean, std)
     return Experiment(config, dataset, plan, keys, state, train_data, eval_data)

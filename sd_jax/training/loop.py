@@ -1,5 +1,6 @@
 """The run: check the config and the workdir, build the experiment, resume, compile, then train
 up to each evaluation, evaluate, record and log, and write the summary (`train_and_evaluate`)."""
+import contextlib
 import logging
 import time
 from typing import Optional
@@ -14,6 +15,7 @@ from sd_jax.training import checkpoints, compiler, disk_faults, parallel, proven
 from sd_jax.training.events import EventLog
 from sd_jax.training.preemption import Preempted, StopSignals
 from sd_jax.training.profiling import StepProfiler
+from sd_jax.training.startup import StartupClock
 from sd_jax.training.workdir_hold import hold_for_job
 from sd_jax.config import resolve_convention, resolve_platform_defaults, validate
 from sd_jax.models.cifar import count_params
@@ -23,6 +25,7 @@ from sd_jax.training.plan import TrainState, learning_rate_schedule
 from sd_jax.training.steps import TRAIN_METRICS, eval_variables
 
 log = logging.getLogger(__name__)
+COMPILE_PHASE = "compile of the training call"
 
 
 class TrainingDiverged(FloatingPointError):
@@ -47,11 +50,15 @@ class Trainer:
     stop at a signal with a checkpoint of the step reached."""
 
     def __init__(self, experiment: Experiment, workdir: records.Workdir, ckpts: checkpoints.Checkpoints, feed,
-                 events: EventLog, stop_signals: StopSignals, profiler: StepProfiler):
+                 events: EventLog, stop_signals: StopSignals, profiler: StepProfiler, clock: StartupClock):
         self.experiment, self.config, self.plan = experiment, experiment.config, experiment.plan
         self.workdir, self.ckpts, self.feed = workdir, ckpts, feed
-        self.events, self.stop_signals, self.profiler = events, stop_signals, profiler
+        self.events, self.stop_signals, self.profiler, self.clock = events, stop_signals, profiler, clock
         self.schedule = learning_rate_schedule(self.config, self.plan.steps_per_epoch)
+
+    def once(self, name: str):
+        """Time the run's first `name` as a start-up phase (later ones are not timed)."""
+        return contextlib.nullcontext() if name in self.clock.seconds else self.clock.phase(name)
 
     def train_until(self, state: TrainState, stop: int, totals: dict):
         """Train from `state.step` up to global step `stop` in chunks of at most `steps_per_call`
@@ -66,7 +73,7 @@ class Trainer:
             epoch, first = step // spe + 1, step % spe
             count = min(self.config.steps_per_call, stop - step, spe - first)
             self.profiler.before_call()
-            with self.profiler.annotate(step):
+            with self.once("first training call"), self.profiler.annotate(step):
                 state, sums = self.feed.train(state, epoch, first, count)
                 sums = {k: float(v) for k, v in jax.device_get(sums).items()}
             self.profiler.after_call(state, count)
@@ -88,12 +95,14 @@ class Trainer:
     def evaluate(self, state: TrainState, totals: dict, lr: float, seconds: float) -> dict:
         """One line of metrics.jsonl: training metrics since the previous line, then evaluation."""
         step = int(state.step)
+        with self.once("first evaluation"):  # its compile included
+            errors = self.feed.error_rates(eval_variables(state))
         return {
             "epoch": epoch_of(step, self.plan.steps_per_epoch),
             "step": step,
             "train_loss": totals["loss"] / totals["images"],
             "train_error": 100.0 * totals["errors"] / totals["images"],
-            **self.feed.error_rates(eval_variables(state)),
+            **errors,
             "lr": lr,
             "epoch_time_s": seconds,
             "images_per_s": totals["images"] / seconds,
@@ -194,24 +203,14 @@ def resume(experiment: Experiment, workdir: records.Workdir, ckpts: checkpoints.
     return state, workdir.truncate_metrics(int(state.step)), partial
 
 
-def compile_steps(experiment: Experiment, state: TrainState):
-    """(the experiment's feed with its train step compiled for the run's shapes, seconds taken)."""
-    start = time.perf_counter()
-    feed = make_feed(experiment)
-    feed.compile(state)
-    seconds = time.perf_counter() - start
-    log.info("compiled the train step in %.1f s", seconds)
-    return feed, seconds
-
-
-def finish(experiment: Experiment, workdir: records.Workdir, history: list, compile_s: float,
+def finish(experiment: Experiment, workdir: records.Workdir, history: list, clock: StartupClock,
            wall_start: float, ran_on: dict) -> dict:
-    """Write and return summary.json: the paper's number (test error at best validation), costs and
-    what the run ran on."""
+    """Write and return summary.json: the paper's number (test error at best validation), costs
+    (`startup_s`: the start-up phases' seconds) and what the run ran on."""
     plan = experiment.plan
     summary = records.summarize(history)
-    summary.update(num_params=count_params(experiment.state.params), compile_s=compile_s,
-                   provenance=ran_on,
+    summary.update(num_params=count_params(experiment.state.params), compile_s=clock.seconds[COMPILE_PHASE],
+                   startup_s=clock.seconds, provenance=ran_on,
                    expected_active_blocks=float(plan.model.survival_probabilities().sum()),
                    wall_time_s=time.perf_counter() - wall_start)
     workdir.write_summary(summary)
@@ -236,8 +235,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, restart:
     run_files = records.Workdir(workdir, parallel.is_primary())
     run_files.check(config, restart)
     with hold_for_job(workdir, take_over) as take_hold:
-        wall_start = time.perf_counter()
-        experiment = make_experiment(config)
+        wall_start, clock = time.perf_counter(), StartupClock()
+        experiment = make_experiment(config, clock.phase)
         take_hold()
         run_files.start(config, restart)
         ran_on = provenance.provenance()  # once: it asks git for the commit
@@ -247,11 +246,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, restart:
             with StopSignals() as stop_signals:
                 state, history, partial = resume(experiment, run_files, ckpts)
                 events = EventLog(workdir, parallel.is_primary(), config, history)
-                feed, compile_s = compile_steps(experiment, state)
+                feed = make_feed(experiment)
+                with clock.phase(COMPILE_PHASE):
+                    feed.compile(state)
                 trainer = Trainer(experiment, run_files, ckpts, feed, events, stop_signals,
-                                  StepProfiler(workdir, config.profile_steps))
+                                  StepProfiler(workdir, config.profile_steps), clock)
                 trainer.fit(state, history, partial)
-            return finish(experiment, run_files, history, compile_s, wall_start, ran_on)
+            return finish(experiment, run_files, history, clock, wall_start, ran_on)
         except Exception as e:
             code = disk_faults.fault_errno(e)
             if code is None:
