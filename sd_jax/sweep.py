@@ -130,6 +130,8 @@ class Sweep:
                                    stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True)
         logfile.close()
         self.running[slot] = (name, process)
+        if self.signum is not None:  # the signal came while this run was being started
+            process.send_signal(self.signum)
         log.info("sweep: started %s on %s %s (log %s)", name, self.platform, device, logfile.name)
 
     def forward(self, signum, frame) -> None:
