@@ -22,7 +22,7 @@ from sd_jax.training.loop import TrainingDiverged, train_and_evaluate
 from tests.conftest import ROOT
 from tests.test_training import tiny_config
 
-TIMING = {"epoch_time_s", "images_per_s", "train_time_s", "wall_time_s", "compile_s"}
+TIMING = {"epoch_time_s", "images_per_s", "train_time_s", "wall_time_s", "compile_s", "startup_s"}
 ARGS = ["--config", "configs/quickstart.py", "--config.dataset=synthetic", "--config.depth=8",
         "--config.num_epochs=8", "--config.lr_boundaries=(6,)", "--config.steps_per_call=2"]
 
