@@ -231,18 +231,18 @@ class Program:
         return called(instruction, "branch_computations") or (
             called(instruction, "true_computation") + called(instruction, "false_computation"))
 
-    def open_branch(self, instruction: Instruction) -> str:
-        """The branch that runs the block: the one with the most FLOPs (its convolutions)."""
-        costs = {b: self.cost(b, iter(lambda: 1.0, None)) for b in self.branches(instruction)}
-        return max(costs, key=lambda b: costs[b].flops)
+    def branch_costs(self, instruction: Instruction, p_inner: float = 1.0):
+        """(the open branch's cost, the other branches' mean cost) of a gate's conditional; the open
+        branch runs the block: the one with the most FLOPs (its convolutions). `p_inner` weighs any
+        conditional inside the branches."""
+        costs = {b: self.cost(b, iter(lambda: p_inner, None)) for b in self.branches(instruction)}
+        opened = max(costs, key=lambda b: costs[b].flops)
+        closed = [cost for b, cost in costs.items() if b != opened]
+        return costs[opened], sum((cost * (1 / len(closed)) for cost in closed), Cost())
 
     def conditional_cost(self, instruction: Instruction, p_open: float) -> Cost:
-        branches, opened = self.branches(instruction), self.open_branch(instruction)
-        closed = [b for b in branches if b != opened]
-        cost = self.cost(opened, iter(lambda: p_open, None)) * p_open
-        for branch in closed:
-            cost += self.cost(branch, iter(lambda: p_open, None)) * ((1 - p_open) / len(closed))
-        return cost
+        opened, closed = self.branch_costs(instruction, p_open)
+        return opened * p_open + closed * (1 - p_open)
 
     def step_loop(self) -> Instruction:
         """The training call's step loop: the entry computation's costliest `while`."""
@@ -287,11 +287,8 @@ def estimate_step(hlo_text: str, chip: Chip, survival: List[float]) -> dict:
     step = program.cost(body, iter(weights)) + program.cost(condition, iter(()))
     gates = Cost(), Cost()
     for instruction in conditionals:
-        opened = program.open_branch(instruction)
-        ones = iter(lambda: 1.0, None)
-        closed = [b for b in program.branches(instruction) if b != opened]
-        gates = (gates[0] + program.cost(opened, ones),
-                 gates[1] + sum((program.cost(b, ones) * (1 / len(closed)) for b in closed), Cost()))
+        opened, closed = program.branch_costs(instruction)
+        gates = gates[0] + opened, gates[1] + closed
     per_gate = 2.0 / len(conditionals) if conditionals else 0.0
     return {"seconds": step.seconds, "kernels": step.kernels, "bytes": step.bytes, "flops": step.flops,
             "conditionals": len(conditionals), "gates_paired_with_blocks": paired,
