@@ -8,8 +8,9 @@
 # on its stated lines: batch 1024, SGD Nesterov 0.9, lr 0.1 x batch / 256 = 0.4, 5 epochs of linear
 # warm-up from 0 (Goyal et al.), then cosine to 0 at epoch 90, weight decay 1e-4 on every parameter
 # (Goyal et al., torchvision), bf16 compute with float32 parameters, the last BN of each branch
-# zero-initialised (Goyal et al.); scan_blocks left to the platform (scanned on TPU, unrolled on GPU,
-# where only the unrolled program keeps every gate inside the CUDA graph: docs/performance.md).
+# zero-initialised (Goyal et al.); scan_blocks left to the platform: unrolled (on GPU only the
+# unrolled program keeps every gate inside the CUDA graph; on TPU it takes 0.75x the scanned one's
+# memory: docs/performance.md).
 # Reference: torchvision's ResNet-50 V1 weights reach 76.13% top-1 (a step schedule, 90 epochs).
 # Data: data_source "tfds" (the two official tars in <data_dir>/downloads/manual), "files" (an
 # ImageFolder in data_dir) or "synthetic" (docs/imagenet.md, "ImageNet data").

@@ -142,3 +142,23 @@ def test_wraps_any_branch_without_activation():
     np.testing.assert_allclose(layer.apply(variables, x, 0.5, train=False), x + 0.5 * dense, atol=1e-6)
     out, _ = layer.apply(variables, x, 0.0, train=True, rngs={"drop": jax.random.key(0)}, mutable=["gates"])
     np.testing.assert_array_equal(out, x)
+
+
+def test_a_branch_gets_the_rng_streams_the_layer_was_given():
+    """A user's branch with dropout runs inside the gate with the layer's "dropout" stream: an open
+    gate's output follows the dropout key."""
+    class DropoutBranch(nn.Module):
+        @nn.compact
+        def __call__(self, x, train):
+            return nn.Dropout(0.5, deterministic=not train)(nn.Dense(x.shape[-1])(x))
+
+    layer = StochasticDepth(DropoutBranch(parent=None), activation=None)
+    x = jnp.ones((4, 8))
+    variables = layer.init(jax.random.key(0), x, 1.0, train=True)
+
+    def run(dropout_seed):
+        return layer.apply(variables, x, jnp.float32(1.0), train=True, mutable=["gates"],
+                           rngs={"drop": jax.random.key(0), "dropout": jax.random.key(dropout_seed)})[0]
+
+    np.testing.assert_array_equal(run(1), run(1))
+    assert np.any(run(1) != run(2)) and np.any(run(1) == x)  # dropped units leave the shortcut alone

@@ -75,6 +75,18 @@ def test_make_model_takes_a_config_straight_from_load_config():
     assert model.scan_blocks is (jax.default_backend() == "tpu")  # None: the platform's default
 
 
+@pytest.mark.parametrize("name,platform,expected", [
+    ("cifar10_resnet110_sd", "tpu", True), ("cifar10_resnet110_sd", "gpu", False), ("cifar10_resnet110_sd", "cpu", False),
+    ("imagenet_resnet50_composer_sd", "tpu", False), ("imagenet_resnet50_composer_sd", "gpu", False),
+    ("cifar10_resnet1202_sd", "gpu", True)])
+def test_scan_blocks_defaults_by_platform_and_model(name, platform, expected):
+    """Scanned on TPU for the CIFAR ResNets only (docs/performance.md: composer's ResNet-50 takes
+    0.75x the memory unrolled there); a config's own choice stands."""
+    from sd_jax.config import load_config, resolve_platform_defaults
+
+    assert resolve_platform_defaults(load_config(name), platform).scan_blocks is expected
+
+
 def test_a_gpu_that_jax_does_not_use_is_announced_with_the_install_line(monkeypatch, caplog):
     real_exists = os.path.exists
     monkeypatch.setattr(os.path, "exists", lambda path: path == "/dev/nvidia0" or real_exists(path))

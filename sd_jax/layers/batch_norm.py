@@ -13,6 +13,9 @@ from typing import Any, Callable, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from sd_jax.layers.gate import SAVED_NAME
 
 MOMENTUM = 0.9  # running = MOMENTUM * running + (1 - MOMENTUM) * batch: Torch/PyTorch momentum 0.1
 EPSILON = 1e-5
@@ -45,8 +48,11 @@ def batch_moments(x, mask=None, axis_name=None):
         mean, mean_sq = jnp.mean(x, tuple(range(x.ndim - 1))), jnp.mean(x * x, tuple(range(x.ndim - 1)))
     else:
         total, total_sq, count = _sums(x, mask, axis_name)
-        count = jnp.maximum(count, 1.0)
+        count = checkpoint_name(jnp.maximum(count, 1.0), SAVED_NAME)
         mean, mean_sq = total / count, total_sq / count
+    # What a gated branch keeps of the statistics for its backward pass (sd_jax.layers.gate): the
+    # reductions, so that it recomputes only elementwise work.
+    mean, mean_sq = checkpoint_name((mean, mean_sq), SAVED_NAME)
     return mean, jnp.maximum(mean_sq - mean * mean, 0.0)
 
 
@@ -76,6 +82,9 @@ class BatchNorm(nn.Module):
         if self.use_running_average:
             mean, var = running_mean.value, running_var.value
         else:
+            # A gated branch keeps BatchNorm's input (a convolution's output) for its backward pass
+            # and recomputes the elementwise rest (sd_jax.layers.gate).
+            x = checkpoint_name(x, SAVED_NAME)
             mean, var = batch_moments(x, mask, self.axis_name)
             if not self.is_initializing():
                 update = lambda running, batch: (self.momentum * running + (1 - self.momentum) * batch).astype(running.dtype)

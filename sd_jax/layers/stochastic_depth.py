@@ -1,4 +1,5 @@
 """A residual connection with stochastic depth around any residual branch (a Flax Linen layer)."""
+import functools
 import numbers
 from typing import Any, Callable, Optional, Union
 
@@ -6,6 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sd_jax.layers.gate import gated_residual
 from sd_jax.layers.survival import scaled_survival
 
 DROP_MODES = ("block", "sample")
@@ -31,9 +33,10 @@ class StochasticDepth(nn.Module):
     always runs) and composer (a dropped downsampling block returns relu(downsample(x))) do.
     Drop modes (`drop_mode`):
       - "block" (the paper): one Bernoulli(p) gate per call from the "drop" RNG stream. A closed
-        gate returns activation(shortcut(x)) through `nn.cond`, so the branch's forward and backward
-        compute is skipped, its BatchNorm statistics stay as they were and its parameters get zero
-        gradient. Evaluation: activation(shortcut(x) + p * f(x)).
+        gate returns activation(shortcut(x)) through a conditional, forward and backward
+        (`sd_jax.layers.gate`: a custom VJP whose closed branches write only what the step reads),
+        so the branch's compute is skipped, its BatchNorm statistics stay as they were and its
+        parameters get zero gradient. Evaluation: activation(shortcut(x) + p * f(x)).
       - "sample" (drop path): a per-example Bernoulli(p) mask scaling f(x) by mask / p; it cannot
         skip compute. Evaluation: activation(shortcut(x) + f(x)).
     `drop_scale` in [0, 1] scales the drop rate during training (1 - p) for drop-rate warm-up;
@@ -91,13 +94,20 @@ class StochasticDepth(nn.Module):
             return self._activate(shortcut + (residual * scale).astype(shortcut.dtype))
         gate = jax.random.bernoulli(key, p)
         self.sow("gates", "active", gate.astype(jnp.float32))
-        return nn.cond(
-            gate,
-            lambda module, x, shortcut, mask: module._activate(
-                shortcut + module._residual(x, True, mask).astype(shortcut.dtype)),
-            lambda module, x, shortcut, mask: module._activate(shortcut),
-            self,
-            x,
-            shortcut,
-            mask,
-        )
+        variables = dict(self.f.variables)
+        params = variables.pop("params")
+        rngs = {name: self.make_rng(name) for name in self.scope.rngs if name != "drop"}  # a branch's dropout, say
+        out, new_state = gated_residual(functools.partial(_apply_branch, self.f.clone(parent=None)),
+                                        self.activation, gate, params, x, shortcut, variables, (mask, rngs))
+        for collection, tree in new_state.items():
+            for name, value in tree.items():
+                self.f.put_variable(collection, name, value)
+        return out
+
+
+def _apply_branch(branch: nn.Module, params, state, x, context):
+    """The branch as a pure function: (its output, its new state); `context` is the mask of real
+    examples (or None) and the keys of the RNG streams the layer was given."""
+    mask, rngs = context
+    kwargs = {} if mask is None else {"mask": mask}
+    return branch.apply({"params": params, **state}, x, train=True, mutable=list(state), rngs=rngs, **kwargs)

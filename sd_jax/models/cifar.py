@@ -9,6 +9,7 @@ import numpy as np
 
 from sd_jax.layers.batch_norm import BatchNorm, at_least_float32
 from sd_jax.layers.conv import Conv3x3
+from sd_jax.layers.gate import SAVE_POLICY
 from sd_jax.layers.survival import survival_probabilities
 from sd_jax.layers.stochastic_depth import StochasticDepth
 
@@ -148,14 +149,22 @@ class Stage(nn.Module):
             return x
         if not rest:
             return x
+        always_on = min(rest) >= 1.0
+        block = ScannedStochasticDepth
+        if always_on and self.train and not self.gate_certain_blocks:
+            # Differentiating a scan keeps every value the body's backward pass reads, one copy per
+            # block: the gateless blocks keep only what a gate keeps (sd_jax.layers.gate) and
+            # recompute the elementwise rest, as XLA does for the unrolled ones. (Not around a gate:
+            # the backward pass would run the gate's forward conditional again.)
+            block = nn.remat(block, policy=SAVE_POLICY, prevent_cse=False)
         blocks = nn.scan(
-            ScannedStochasticDepth,
+            block,
             variable_axes={"params": 0, "batch_stats": 0, "gates": 0},
             split_rngs={"params": True, "drop": True},
             in_axes=(0, nn.broadcast, nn.broadcast),
             length=len(rest),
         )(self.branch, self.shortcut, self.drop_mode, gate_certain_blocks=self.gate_certain_blocks, train=self.train,
-          always_on=min(rest) >= 1.0, name="blocks")
+          always_on=always_on, name="blocks")
         x, _ = blocks(x, jnp.asarray(rest, jnp.float32), drop_scale, mask)
         return x
 

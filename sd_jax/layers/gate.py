@@ -1,0 +1,193 @@
+"""A residual block's gate as one custom-VJP operation: a closed gate costs only what it must write.
+
+Differentiating a `lax.cond` makes every value the open branch keeps for the backward pass an
+output of the forward conditional, the block's input and parameters among them; XLA gives each
+output a buffer of its own, so the closed branch copies the inputs and zero-fills every kept
+activation, one kernel per output (docs/performance.md, issue 33). Here:
+  - the branch runs under a checkpoint policy that keeps only the values named `SAVED_NAME`
+    (BatchNorm tags its input, a convolution's output, and its reductions); the elementwise rest
+    is recomputed inside the backward pass's fusions;
+  - of those, the ones that are the block's own inputs (the input, the parameters) reach the
+    backward pass from outside the conditional, not through it;
+  - the small outputs (the kept reductions, the parameter gradients) travel packed in one vector
+    per dtype, which a closed branch fills with one kernel; the branch's new state (BatchNorm's
+    running averages) travels as it is, written by the open branch's own kernels and copied by
+    the closed one (packed, it would cost a kernel per array to unpack on every step);
+  - a ReLU's derivative is read from the block's output, so it keeps nothing.
+The numbers are those of differentiating the conditional (tests/test_gate.py).
+"""
+import functools
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+SAVED_NAME = "sd_saved"  # checkpoint name of the values a gated branch keeps for its backward pass
+SAVE_POLICY = jax.checkpoint_policies.save_only_these_names(SAVED_NAME)
+PACKED_MAX_SIZE = 1 << 16  # elements: an array this small travels in its dtype's packed vector
+
+
+def _channels_first(array):
+    """The array with its last axis first: the order of a convolution kernel (HWIO) in the layout
+    XLA:GPU gives it (OHWI), so that packing and unpacking it copies bytes and transposes nothing."""
+    return jnp.moveaxis(array, -1, 0) if array.ndim > 1 else array
+
+
+def _channels_last(flat, shape):
+    """The inverse of `_channels_first` on a flattened array."""
+    return jnp.moveaxis(flat.reshape(shape[-1:] + shape[:-1]), 0, -1) if len(shape) > 1 else flat.reshape(shape)
+
+
+@jax.tree_util.register_static
+class _Packing:
+    """How a list of arrays travels through a conditional: the small ones flattened (channels first)
+    into one vector per dtype, so that a branch writes them with one kernel; the large ones as they
+    are."""
+
+    def __init__(self, structs):
+        self.structs = [jax.ShapeDtypeStruct(s.shape, s.dtype) for s in structs]
+        self.small = [int(np.prod(s.shape)) <= PACKED_MAX_SIZE for s in self.structs]
+        self.dtypes = sorted({str(s.dtype) for s, small in zip(self.structs, self.small) if small})
+
+    def pack(self, leaves):
+        vectors = [jnp.concatenate([jnp.ravel(_channels_first(leaf)) for leaf, s, small in zip(leaves, self.structs, self.small)
+                                    if small and str(s.dtype) == dtype]) for dtype in self.dtypes]
+        return vectors, [leaf for leaf, small in zip(leaves, self.small) if not small]
+
+    def zeros(self):
+        return self.pack([jnp.zeros(s.shape, s.dtype) for s in self.structs])
+
+    def unpack(self, packed):
+        vectors, large = packed
+        offsets, large = {dtype: 0 for dtype in self.dtypes}, iter(large)
+        leaves = []
+        for s, small in zip(self.structs, self.small):
+            if not small:
+                leaves.append(next(large))
+                continue
+            vector, size = vectors[self.dtypes.index(str(s.dtype))], int(np.prod(s.shape))
+            start = offsets[str(s.dtype)]
+            leaves.append(_channels_last(vector[start:start + size], s.shape))
+            offsets[str(s.dtype)] = start + size
+        return leaves
+
+
+@jax.tree_util.register_static
+class _Plan:
+    """What a trace of the open branch found: the structure of its pullback, which of the
+    pullback's residuals are the block's inputs (their indices), how the others travel through
+    the conditional, and the activation's residuals' structure."""
+
+    def __init__(self, pullback_tree, forwarded, packing, activation_tree):
+        self.pullback_tree, self.forwarded = pullback_tree, forwarded
+        self.packing, self.activation_tree = packing, activation_tree
+
+
+def gated_residual(branch: Callable, activation: Optional[Callable], gate, params, x, shortcut, state, context=None):
+    """(activation(shortcut + y), new_state) where (y, new_state) = branch(params, state, x, context)
+    when `gate`, else (activation(shortcut), state). `branch` is pure; `state` (BatchNorm statistics)
+    and `context` (say, the mask of a batch's real examples) get no gradient."""
+    return _gated(branch, activation, gate, params, x, shortcut, (state, context))
+
+
+def _reads_output(activation) -> bool:
+    """A ReLU's derivative is known from its output: nothing to keep."""
+    return activation is None or activation is jax.nn.relu
+
+
+def _activate(activation, pre):
+    """activation(pre) and the residuals of its VJP (none where `_reads_output`)."""
+    if _reads_output(activation):
+        return (pre if activation is None else activation(pre)), [], None
+    out, vjp = jax.vjp(activation, pre)
+    leaves, tree = jax.tree.flatten(vjp)
+    return out, leaves, tree
+
+
+def _open(branch, activation, params, x, shortcut, inputs):
+    state, context = inputs
+    run = lambda p, x: _cast_output(branch(p, state, x, context), shortcut.dtype)
+    y, pullback, new_state = jax.vjp(jax.checkpoint(run, policy=SAVE_POLICY, prevent_cse=False), params, x, has_aux=True)
+    out, activation_leaves, activation_tree = _activate(activation, shortcut + y)
+    return out, new_state, activation_leaves, activation_tree, pullback
+
+
+def _cast_output(y_and_state, dtype):
+    y, state = y_and_state
+    return y.astype(dtype), state
+
+
+def _forwarded(leaves, inputs):
+    """For each residual, the index of the input it is (by identity), or None."""
+    index = {id(leaf): i for i, leaf in enumerate(inputs)}
+    return tuple(index.get(id(leaf)) for leaf in leaves)
+
+
+def _trace_plan(branch, activation, params, x, shortcut, inputs) -> _Plan:
+    found = {}
+
+    def probe(params, x, shortcut, inputs):
+        _, new_state, _, activation_tree, pullback = _open(branch, activation, params, x, shortcut, inputs)
+        leaves, tree = jax.tree.flatten(pullback)
+        forwarded = _forwarded(leaves, jax.tree.leaves((params, x, inputs)))
+        found.update(tree=tree, forwarded=forwarded, activation_tree=activation_tree)
+        return [leaf for leaf, f in zip(leaves, forwarded) if f is None]
+
+    structs = jax.eval_shape(probe, params, x, shortcut, inputs)
+    return _Plan(found["tree"], found["forwarded"], _Packing(structs), found["activation_tree"])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _gated(branch, activation, gate, params, x, shortcut, inputs):
+    def open_(params, x, shortcut, inputs):
+        return _cast_output(branch(params, inputs[0], x, inputs[1]), shortcut.dtype)
+
+    def closed(params, x, shortcut, inputs):
+        return jnp.zeros_like(shortcut), inputs[0]
+
+    y, new_state = lax.cond(gate, open_, closed, params, x, shortcut, inputs)
+    return _activate(activation, shortcut + y)[0], new_state
+
+
+def _gated_fwd(branch, activation, gate, params, x, shortcut, inputs):
+    plan = _trace_plan(branch, activation, params, x, shortcut, inputs)
+
+    def open_(params, x, shortcut, inputs):
+        out, new_state, activation_leaves, _, pullback = _open(branch, activation, params, x, shortcut, inputs)
+        kept = [leaf for leaf, f in zip(jax.tree.leaves(pullback), plan.forwarded) if f is None]
+        return out, new_state, activation_leaves, plan.packing.pack(kept)
+
+    def closed(params, x, shortcut, inputs):
+        out, activation_leaves, _ = _activate(activation, shortcut)
+        return out, inputs[0], activation_leaves, plan.packing.zeros()
+
+    out, new_state, activation_leaves, packed = lax.cond(gate, open_, closed, params, x, shortcut, inputs)
+    return (out, new_state), (gate, params, x, inputs, out, activation_leaves, packed, plan)
+
+
+def _gated_bwd(branch, activation, residuals, cotangents):
+    gate, params, x, inputs, out, activation_leaves, packed, plan = residuals
+    g_out, _ = cotangents
+    if plan.activation_tree is not None:
+        g_pre = jax.tree.unflatten(plan.activation_tree, activation_leaves)(g_out)[0]
+    else:
+        g_pre = g_out if activation is None else jnp.where(out > 0, g_out, jnp.zeros_like(g_out))
+    known = jax.tree.leaves((params, x, inputs))
+    grads_packing = _Packing(jax.tree.leaves(params) + [x])
+
+    def open_(g_pre, packed):
+        kept = iter(plan.packing.unpack(packed))
+        leaves = [next(kept) if f is None else known[f] for f in plan.forwarded]
+        g_params, g_x = jax.tree.unflatten(plan.pullback_tree, leaves)(g_pre)
+        return grads_packing.pack(jax.tree.leaves(g_params) + [g_x])
+
+    def closed(g_pre, packed):
+        return grads_packing.zeros()
+
+    grads = grads_packing.unpack(lax.cond(gate, open_, closed, g_pre, packed))
+    return None, jax.tree.unflatten(jax.tree.structure(params), grads[:-1]), grads[-1], g_pre, None
+
+
+_gated.defvjp(_gated_fwd, _gated_bwd)
