@@ -44,6 +44,9 @@ def get_config():
     config.weight_decay = 1e-4
     config.dtype = "bfloat16"
     config.partial_last_batch = False  # the host pipeline drops each epoch's last, short batch
+    # A call takes its steps' decoded uint8 batches as arguments: 8 of them, not the default 50 (at
+    # 128 images a device, 0.15 GiB of device memory instead of 0.90; docs/performance.md)
+    config.steps_per_call = 8
     config.image_size = 224
     config.eval_batch_size = 1000
     return config
