@@ -109,6 +109,8 @@ def _activate(activation, pre):
 def _open(branch, activation, params, x, shortcut, inputs):
     state, context = inputs
     run = lambda p, x: _cast_output(branch(p, state, x, context), shortcut.dtype)
+    # prevent_cse=False: the forward and backward passes run in separate conditionals, so there is
+    # no common subexpression to keep apart, and the barrier would keep the unpacking as kernels.
     y, pullback, new_state = jax.vjp(jax.checkpoint(run, policy=SAVE_POLICY, prevent_cse=False), params, x, has_aux=True)
     out, activation_leaves, activation_tree = _activate(activation, shortcut + y)
     return out, new_state, activation_leaves, activation_tree, pullback
