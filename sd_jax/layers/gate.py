@@ -128,6 +128,9 @@ def _forwarded(leaves, inputs):
 
 
 def _trace_plan(branch, activation, params, x, shortcut, inputs) -> _Plan:
+    """The plan, from one abstract trace of the open branch before the conditional is built: the
+    closed branch must return the same structure, and a conditional's branches are traced in an
+    order JAX does not promise."""
     found = {}
 
     def probe(params, x, shortcut, inputs):
