@@ -56,6 +56,23 @@ def batch_moments(x, mask=None, axis_name=None):
     return mean, jnp.maximum(mean_sq - mean * mean, 0.0)
 
 
+def train_statistics(x, mask=None, axis_name=None):
+    """(x, mean, variance) of a training step: `x` named as what a gated branch keeps for its
+    backward pass (a convolution's output; sd_jax.layers.gate), so it recomputes the elementwise rest."""
+    x = checkpoint_name(x, SAVED_NAME)
+    return (x,) + batch_moments(x, mask, axis_name)
+
+
+def running_average(running, batch, momentum: float = MOMENTUM):
+    """The running statistic after one batch: momentum * running + (1 - momentum) * batch."""
+    return (momentum * running + (1 - momentum) * batch).astype(running.dtype)
+
+
+def normalize(x, mean, var, scale, bias, epsilon: float, dtype):
+    """(x - mean) / sqrt(var + epsilon) * scale + bias, in `dtype`."""
+    return jnp.asarray((x - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias, dtype)
+
+
 class BatchNorm(nn.Module):
     """Normalise over batch and space with batch statistics (training) or running averages.
 
@@ -82,13 +99,8 @@ class BatchNorm(nn.Module):
         if self.use_running_average:
             mean, var = running_mean.value, running_var.value
         else:
-            # A gated branch keeps BatchNorm's input (a convolution's output) for its backward pass
-            # and recomputes the elementwise rest (sd_jax.layers.gate).
-            x = checkpoint_name(x, SAVED_NAME)
-            mean, var = batch_moments(x, mask, self.axis_name)
+            x, mean, var = train_statistics(x, mask, self.axis_name)
             if not self.is_initializing():
-                update = lambda running, batch: (self.momentum * running + (1 - self.momentum) * batch).astype(running.dtype)
-                running_mean.value = update(running_mean.value, mean)
-                running_var.value = update(running_var.value, var)
-        y = (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
-        return jnp.asarray(y, self.dtype)
+                running_mean.value = running_average(running_mean.value, mean, self.momentum)
+                running_var.value = running_average(running_var.value, var, self.momentum)
+        return normalize(x, mean, var, scale, bias, self.epsilon, self.dtype)

@@ -75,6 +75,21 @@ def resolve_conv_grads(conv_grads: str, platform: str = "") -> str:
     return conv_grads
 
 
+def he_normal(init_fan: str):
+    """He-normal initialiser, std sqrt(2 / fan) over `init_fan` ("fan_in" or "fan_out")."""
+    if init_fan not in INIT_FANS:
+        raise ValueError(f"conv_init_fan must be one of {INIT_FANS}, got {init_fan!r}")
+    return nn.initializers.variance_scaling(2.0, init_fan, "normal")
+
+
+def conv3x3_in(x, kernel, stride: int, dtype, conv_grads: str = "auto"):
+    """The 3x3 convolution computed in `dtype`, with the backward pass `conv_grads` resolves to."""
+    x, kernel = x.astype(dtype), kernel.astype(dtype)
+    if resolve_conv_grads(conv_grads) == "explicit":
+        return conv3x3(x, kernel, stride)
+    return _conv(x, kernel, stride)
+
+
 class Conv3x3(nn.Module):
     """Bias-free 3x3 conv, padding 1, He-normal init: std sqrt(2 / fan).
 
@@ -92,13 +107,5 @@ class Conv3x3(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        kernel = self.param(
-            "kernel",
-            nn.initializers.variance_scaling(2.0, self.init_fan, "normal"),
-            (3, 3, x.shape[-1], self.features),
-            jnp.float32,
-        )
-        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        if resolve_conv_grads(self.conv_grads) == "explicit":
-            return conv3x3(x, kernel, self.stride)
-        return _conv(x, kernel, self.stride)
+        kernel = self.param("kernel", he_normal(self.init_fan), (3, 3, x.shape[-1], self.features), jnp.float32)
+        return conv3x3_in(x, kernel, self.stride, self.dtype, self.conv_grads)

@@ -65,14 +65,20 @@ def torch_uniform(fan_in: int):
     return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
-def classifier(num_classes: int, fan_in: int, init: str):
-    """The final Dense layer: "torch" (the authors' nn.Linear) or "lecun" (Flax's default: LeCun
-    normal weights, zero bias)."""
+def classifier_initializers(fan_in: int, init: str):
+    """(kernel, bias) initialisers of the final Dense layer: "torch" (the authors' nn.Linear) or
+    "lecun" (Flax's default: LeCun normal weights, zero bias)."""
     if init not in CLASSIFIER_INITS:
         raise ValueError(f"classifier_init must be one of {CLASSIFIER_INITS}, got {init!r}")
     if init == "lecun":
-        return nn.Dense(num_classes, name="linear")
-    return nn.Dense(num_classes, kernel_init=torch_uniform(fan_in), bias_init=torch_uniform(fan_in), name="linear")
+        return nn.initializers.lecun_normal(), nn.initializers.zeros
+    return torch_uniform(fan_in), torch_uniform(fan_in)
+
+
+def classifier(num_classes: int, fan_in: int, init: str):
+    """The final Dense layer, initialised as `classifier_initializers` says."""
+    kernel_init, bias_init = classifier_initializers(fan_in, init)
+    return nn.Dense(num_classes, kernel_init=kernel_init, bias_init=bias_init, name="linear")
 
 
 class BasicBranch(nn.Module):

@@ -37,6 +37,19 @@ def stage_sizes(depth: int) -> dict:
     return {f"layer{s + 1}": n for s, n in enumerate(stage_blocks(depth))}
 
 
+def block_survival_probabilities(depth: int, p_last: float, mode: str, drop_downsample_blocks: bool) -> np.ndarray:
+    """p_l of every block; with `drop_downsample_blocks=False` the first block of each stage (the
+    projection blocks) survives with 1 and the schedule spreads over the others."""
+    num_blocks = sum(stage_blocks(depth))
+    if drop_downsample_blocks:
+        return survival_probabilities(num_blocks, p_last, mode)
+    firsts = np.cumsum((0,) + stage_blocks(depth)[:-1])
+    probs = np.ones(num_blocks)
+    droppable = np.setdiff1d(np.arange(num_blocks), firsts)
+    probs[droppable] = survival_probabilities(len(droppable), p_last, mode)
+    return probs
+
+
 def conv(features: int, kernel: int, stride: int, dtype, name: str):
     """A bias-free conv with PyTorch's symmetric padding (kernel // 2 on every side)."""
     pad = kernel // 2
@@ -109,13 +122,7 @@ class ResNetImageNet(nn.Module):
         return sum(stage_blocks(self.depth))
 
     def survival_probabilities(self) -> np.ndarray:
-        if self.drop_downsample_blocks:
-            return survival_probabilities(self.num_blocks, self.p_last, self.survival_mode)
-        firsts = np.cumsum((0,) + stage_blocks(self.depth)[:-1])
-        probs = np.ones(self.num_blocks)
-        droppable = np.setdiff1d(np.arange(self.num_blocks), firsts)
-        probs[droppable] = survival_probabilities(len(droppable), self.p_last, self.survival_mode)
-        return probs
+        return block_survival_probabilities(self.depth, self.p_last, self.survival_mode, self.drop_downsample_blocks)
 
     def block_macs(self, image_size: int = 224):
         """(multiply-adds of each bottleneck branch, of everything outside them: stem, projection
