@@ -14,7 +14,7 @@ from flax import nnx
 
 from sd_jax import aot, nnx as sd_nnx, targets
 from sd_jax.layers.survival import scaled_survival
-from sd_jax.models.cifar import ResNetCIFAR as LinenCIFAR
+from sd_jax.models.cifar import ResNetCIFAR as LinenCIFAR, to_scanned_layout
 from sd_jax.models.imagenet import ResNetImageNet as LinenImageNet
 from sd_jax.training import compiler
 from sd_jax.training.compiled import count_conditionals, gpu_thunks, memory
@@ -229,6 +229,10 @@ def test_linen_variables_round_trip_and_a_mismatch_names_the_paths():
     other = sd_nnx.ResNetCIFAR(8, rngs=nnx.Rngs(1))
     sd_nnx.load_linen_variables(other, variables)
     jax.tree.map(np.testing.assert_array_equal, sd_nnx.linen_variables(other), variables)
+    deeper = sd_nnx.ResNetCIFAR(20, rngs=nnx.Rngs(2))  # variables of the scanned layout are unstacked
+    unrolled = LinenCIFAR(20).init({"params": jax.random.key(0)}, jnp.zeros((1, 32, 32, 3)), train=False)
+    sd_nnx.load_linen_variables(deeper, to_scanned_layout(unrolled, 20))
+    jax.tree.map(np.testing.assert_array_equal, sd_nnx.linen_variables(deeper), unrolled)
     with pytest.raises(ValueError, match="missing.*linear"):
         sd_nnx.load_linen_variables(other, {"params": {k: v for k, v in variables["params"].items() if k != "linear"},
                                             "batch_stats": variables["batch_stats"]})

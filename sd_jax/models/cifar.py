@@ -210,6 +210,10 @@ class ResNetCIFAR(nn.Module):
     def survival_probabilities(self) -> np.ndarray:
         return survival_probabilities(self.num_blocks, self.p_last, self.survival_mode)
 
+    def stage_sizes(self) -> dict:
+        """{stage name: blocks}: the layout converters' argument (`stack_blocks`, `unstack_blocks`)."""
+        return cifar_stage_sizes(self.depth)
+
     def block_macs(self, image_size: int = 32):
         """(multiply-adds of each residual branch, of everything outside them: stem and classifier)
         for one image, convolutions and the classifier only."""

@@ -124,6 +124,9 @@ class ResNetImageNet(nn.Module):
     def survival_probabilities(self) -> np.ndarray:
         return block_survival_probabilities(self.depth, self.p_last, self.survival_mode, self.drop_downsample_blocks)
 
+    def stage_sizes(self) -> dict:
+        return stage_sizes(self.depth)
+
     def block_macs(self, image_size: int = 224):
         """(multiply-adds of each bottleneck branch, of everything outside them: stem, projection
         shortcuts, which always run, and classifier) for one image, convolutions and fc only."""

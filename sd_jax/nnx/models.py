@@ -146,6 +146,9 @@ class ResNetCIFAR(nnx.Module):
             setattr(self, f"stage{s + 1}", Stage(blocks))
         self.linear = classifier(channels, num_classes, classifier_init, rngs)
 
+    def stage_sizes(self) -> dict:
+        return cifar.cifar_stage_sizes(self.depth)
+
     def __call__(self, x, *, drop_scale: Any = 1.0, mask=None):
         x = jax.nn.relu(self.bn1(self.conv1(x), mask))
         for s in range(len(cifar.STAGE_FEATURES)):
@@ -182,6 +185,9 @@ class ResNetImageNet(nnx.Module):
             setattr(self, f"layer{s + 1}", Stage(blocks))
         self.linear = classifier(channels, num_classes, "torch", rngs)
 
+    def stage_sizes(self) -> dict:
+        return imagenet.stage_sizes(self.depth)
+
     def __call__(self, x, *, drop_scale: Any = 1.0, mask=None):
         x = jax.nn.relu(self.bn1(self.conv1(x), mask))
         x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -199,15 +205,11 @@ def linen_variables(model: nnx.Module) -> dict:
     return {name: nnx.to_pure_dict(nnx.state(model, kind)) for name, kind in COLLECTIONS.items()}
 
 
-def load_linen_variables(model: nnx.Module, variables: dict, stage_sizes: Optional[dict] = None) -> None:
-    """Set the model's parameters and BatchNorm statistics from the Linen model's `variables`.
-    Variables in the scanned layout (`scan_blocks=True`) are unstacked first: pass the model's
-    `stage_sizes` (`sd_jax.models.cifar.cifar_stage_sizes(depth)`, `sd_jax.models.imagenet.stage_sizes(depth)`)."""
+def load_linen_variables(model: nnx.Module, variables: dict) -> None:
+    """Set the model's parameters and BatchNorm statistics from the Linen model's `variables`
+    (either layout: the scanned one, `scan_blocks=True`, is unstacked first)."""
     if any("blocks" in stage for stage in variables.get("params", {}).values() if isinstance(stage, dict)):
-        if stage_sizes is None:
-            raise ValueError("these variables are in the scanned layout (scan_blocks=True): pass stage_sizes "
-                             "to unstack them")
-        variables = cifar.unstack_blocks(variables, stage_sizes)
+        variables = cifar.unstack_blocks(variables, model.stage_sizes())
     for name, kind in COLLECTIONS.items():
         state = nnx.state(model, kind)
         expected, given = _paths(nnx.to_pure_dict(state)), _paths(variables.get(name, {}))

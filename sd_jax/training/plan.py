@@ -14,7 +14,7 @@ from jax.sharding import Mesh
 from sd_jax.training import compiler, parallel
 from sd_jax.config import ConfigError, resolve_convention, resolve_platform_defaults
 from sd_jax.layers.conv import resolve_conv_grads
-from sd_jax.models.cifar import ResNetCIFAR
+from sd_jax.models.cifar import ResNetCIFAR, unstack_blocks
 from sd_jax.models.imagenet import ResNetImageNet
 
 
@@ -132,8 +132,15 @@ def make_plan(config, num_train: int, num_classes: int, translate: int, flip: bo
 
 
 def init_variables(model: nn.Module, key, image_shape, device=None) -> dict:
-    """The model's initial params and batch_stats, compiled with compiler.INIT_OPTIONS."""
-    init = lambda k: model.init(k, jnp.zeros((1,) + tuple(image_shape)))
+    """The model's initial params and batch_stats, drawn by its scanned twin (`scan_blocks=True`:
+    each stage's blocks 2..n drawn by one loop body, so the program does not grow with depth) and
+    unstacked for an unrolled model; compiled with compiler.INIT_OPTIONS. ResNet-110's took 13.4 s
+    to compile unrolled, 2.0 s so (docs/performance.md, "Start-up")."""
+
+    def init(key):
+        variables = model.clone(scan_blocks=True).init(key, jnp.zeros((1,) + tuple(image_shape)))
+        return variables if model.scan_blocks else unstack_blocks(variables, model.stage_sizes())
+
     return compiler.jit(init, device=device, table=compiler.INIT_OPTIONS)(key)
 
 
