@@ -134,8 +134,8 @@ def make_plan(config, num_train: int, num_classes: int, translate: int, flip: bo
 def init_variables(model: nn.Module, key, image_shape, device=None) -> dict:
     """The model's initial params and batch_stats, drawn by its scanned twin (`scan_blocks=True`:
     each stage's blocks 2..n drawn by one loop body, so the program does not grow with depth) and
-    unstacked for an unrolled model; compiled with compiler.INIT_OPTIONS. ResNet-110's took 13.4 s
-    to compile unrolled, 2.0 s so (docs/performance.md, "Start-up")."""
+    unstacked for an unrolled model; compiled with compiler.INIT_OPTIONS. ResNet-110's: 13.6 s drawn
+    unrolled, 2.9 s so, on the 2-core CPU (docs/performance.md, "Start-up")."""
 
     def init(key):
         variables = model.clone(scan_blocks=True).init(key, jnp.zeros((1,) + tuple(image_shape)))
