@@ -17,6 +17,19 @@ def identity(x):
     return x
 
 
+def evaluation_scale(drop_mode: str, survival_prob):
+    """The branch's factor at evaluation: p in "block" mode (the paper), 1 in "sample" mode."""
+    return survival_prob if drop_mode == "block" else 1.0
+
+
+def drop_path(key, p, x, residual):
+    """"sample" mode: (the residual with each example kept with probability p and scaled by 1/p,
+    the fraction kept); the mask is drawn per example of `x`."""
+    keep = jax.random.bernoulli(key, p, (x.shape[0],) + (1,) * (x.ndim - 1))
+    scale = jnp.where(keep, 1.0 / jnp.maximum(p, 1e-12), 0.0).astype(residual.dtype)
+    return residual * scale, keep.mean()
+
+
 def always_survives(survival_prob) -> bool:
     """Whether `survival_prob` is known at trace time to be 1: such a block needs no gate at all."""
     return isinstance(survival_prob, numbers.Real) and survival_prob >= 1.0
@@ -78,7 +91,7 @@ class StochasticDepth(nn.Module):
     def __call__(self, x, survival_prob: Any, *, train: bool, drop_scale: Any = 1.0, mask=None):
         shortcut = self._shortcut(x, train, mask)
         if not train:
-            scale = survival_prob if self.drop_mode == "block" else 1.0
+            scale = evaluation_scale(self.drop_mode, survival_prob)
             return self._activate(shortcut + (scale * self.f(x, train=False)).astype(shortcut.dtype))
         if self.is_initializing() or (always_survives(survival_prob) and not self.gate_certain_blocks):
             if not self.is_initializing():
@@ -87,11 +100,9 @@ class StochasticDepth(nn.Module):
         p = scaled_survival(jnp.asarray(survival_prob, jnp.float32), drop_scale)
         key = self.make_rng("drop")
         if self.drop_mode == "sample":
-            keep = jax.random.bernoulli(key, p, (x.shape[0],) + (1,) * (x.ndim - 1))
-            self.sow("gates", "active", keep.mean())
-            residual = self._residual(x, True, mask)
-            scale = jnp.where(keep, 1.0 / jnp.maximum(p, 1e-12), 0.0).astype(residual.dtype)
-            return self._activate(shortcut + (residual * scale).astype(shortcut.dtype))
+            residual, kept = drop_path(key, p, x, self._residual(x, True, mask))
+            self.sow("gates", "active", kept)
+            return self._activate(shortcut + residual.astype(shortcut.dtype))
         gate = jax.random.bernoulli(key, p)
         self.sow("gates", "active", gate.astype(jnp.float32))
         variables = dict(self.f.variables)

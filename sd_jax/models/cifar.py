@@ -41,6 +41,18 @@ def option_a_shortcut(x, features: int, stride: int, downsample: str = "subsampl
     return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra))) if extra else x
 
 
+def option_a(features: int, stride: int, downsample: str):
+    """The option-A shortcut of a block as a function of x, `downsample` checked."""
+    if downsample not in SHORTCUT_DOWNSAMPLES:
+        raise ValueError(f"shortcut_downsample must be one of {SHORTCUT_DOWNSAMPLES}, got {downsample!r}")
+    return functools.partial(option_a_shortcut, features=features, stride=stride, downsample=downsample)
+
+
+def global_average_pool(x):
+    """The mean over space, in at least float32 (the classifier's input)."""
+    return jnp.mean(x.astype(at_least_float32(x.dtype)), axis=(1, 2))
+
+
 def bn_scale_initializer(name: str):
     """"uniform" in [0, 1): Torch7's BatchNormalization:reset(), which the authors' code left in
     place (their README explains why); "ones": PyTorch and Flax; "zeros": the last BN of a
@@ -229,9 +241,6 @@ class ResNetCIFAR(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False, drop_scale: Any = 1.0, mask=None):
-        if self.shortcut_downsample not in SHORTCUT_DOWNSAMPLES:
-            raise ValueError(f"shortcut_downsample must be one of {SHORTCUT_DOWNSAMPLES}, "
-                             f"got {self.shortcut_downsample!r}")
         n = blocks_per_stage(self.depth)
         probs = [float(p) for p in self.survival_probabilities()]
         x = Conv3x3(STAGE_FEATURES[0], dtype=self.dtype, conv_grads=self.conv_grads, init_fan=self.conv_init_fan,
@@ -240,14 +249,12 @@ class ResNetCIFAR(nn.Module):
         for s, features in enumerate(STAGE_FEATURES):
             branch = lambda stride: JittedBranch(features, stride, self.dtype, self.conv_grads, self.bn_axis_name,
                                                  self.bn_scale_init, self.conv_init_fan, parent=None)
-            shortcut = lambda stride: functools.partial(option_a_shortcut, features=features, stride=stride,
-                                                        downsample=self.shortcut_downsample)
+            shortcut = lambda stride: option_a(features, stride, self.shortcut_downsample)
             stride = 1 if s == 0 else 2
             x = Stage(branch(stride), shortcut(stride), branch(1), shortcut(1), tuple(probs[s * n:(s + 1) * n]),
                       train, self.drop_mode, self.scan_blocks, self.gate_certain_blocks,
                       name=f"stage{s + 1}")(x, drop_scale, mask)
-        x = jnp.mean(x.astype(at_least_float32(x.dtype)), axis=(1, 2))
-        return classifier(self.num_classes, STAGE_FEATURES[-1], self.classifier_init)(x)
+        return classifier(self.num_classes, STAGE_FEATURES[-1], self.classifier_init)(global_average_pool(x))
 
 
 def count_params(params) -> int:

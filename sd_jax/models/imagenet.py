@@ -15,8 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from sd_jax.models.cifar import Stage, batch_norm, classifier
-from sd_jax.layers.batch_norm import at_least_float32
+from sd_jax.models.cifar import Stage, batch_norm, classifier, global_average_pool
 from sd_jax.layers.stochastic_depth import identity
 from sd_jax.layers.survival import survival_probabilities
 
@@ -158,5 +157,4 @@ class ResNetImageNet(nn.Module):
                       self.drop_mode, self.scan_blocks, self.gate_certain_blocks,
                       name=f"layer{s + 1}")(x, drop_scale, mask)
             start += blocks
-        x = jnp.mean(x.astype(at_least_float32(x.dtype)), axis=(1, 2))
-        return classifier(self.num_classes, EXPANSION * STAGE_WIDTHS[-1], "torch")(x)
+        return classifier(self.num_classes, EXPANSION * STAGE_WIDTHS[-1], "torch")(global_average_pool(x))

@@ -15,7 +15,7 @@ from flax import nnx
 from sd_jax.layers.batch_norm import EPSILON, MOMENTUM, at_least_float32, normalize, running_average, train_statistics
 from sd_jax.layers.conv import conv3x3_in, he_normal
 from sd_jax.layers.gate import gated_residual
-from sd_jax.layers.stochastic_depth import DROP_MODES, always_survives, identity
+from sd_jax.layers.stochastic_depth import DROP_MODES, always_survives, drop_path, evaluation_scale, identity
 from sd_jax.layers.survival import scaled_survival
 
 RngSource = Union[nnx.Rngs, nnx.RngStream, jax.Array]
@@ -87,7 +87,7 @@ class StochasticDepth(nnx.Module):
         shortcut = self._call(self.skip, x, mask) if isinstance(self.skip, nnx.Module) else self.skip(x)
         p = self.survival_prob
         if self.deterministic if deterministic is None else deterministic:
-            scale = p if self.drop_mode == "block" else 1.0
+            scale = evaluation_scale(self.drop_mode, p)
             return self._activate(shortcut + (scale * self._call(self.f, x, None)).astype(shortcut.dtype))
         if always_survives(p) and not self.gate_certain_blocks:
             self.active[...] = jnp.float32(1.0)
@@ -95,11 +95,9 @@ class StochasticDepth(nnx.Module):
         p = scaled_survival(jnp.asarray(p, jnp.float32), drop_scale)
         key = self._key(rngs)
         if self.drop_mode == "sample":
-            keep = jax.random.bernoulli(key, p, (x.shape[0],) + (1,) * (x.ndim - 1))
-            self.active[...] = keep.mean()
-            residual = self._call(self.f, x, mask)
-            scale = jnp.where(keep, 1.0 / jnp.maximum(p, 1e-12), 0.0).astype(residual.dtype)
-            return self._activate(shortcut + (residual * scale).astype(shortcut.dtype))
+            residual, kept = drop_path(key, p, x, self._call(self.f, x, mask))
+            self.active[...] = kept
+            return self._activate(shortcut + residual.astype(shortcut.dtype))
         gate = jax.random.bernoulli(key, p)
         self.active[...] = gate.astype(jnp.float32)
         graphdef, params, state = nnx.split(self.f, nnx.Param, ...)

@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sd_jax.layers.batch_norm import at_least_float32
 from sd_jax.layers.survival import survival_probabilities
 from sd_jax.models import cifar, imagenet
 from sd_jax.nnx.layers import BatchNorm, Conv3x3, StochasticDepth
@@ -99,11 +98,6 @@ def gate_stream(rngs: nnx.Rngs, survival_probs, gate_certain_blocks: bool) -> Op
                          "rngs=nnx.Rngs(params=SEED, drop=SEED) (or an nnx.Rngs with a default stream)") from None
 
 
-def head(x, linear: nnx.Linear):
-    """Global average pooling (in at least float32) and the classifier."""
-    return linear(jnp.mean(x.astype(at_least_float32(x.dtype)), axis=(1, 2)))
-
-
 def classifier(fan_in: int, num_classes: int, init: str, rngs: nnx.Rngs) -> nnx.Linear:
     kernel_init, bias_init = cifar.classifier_initializers(fan_in, init)
     return nnx.Linear(fan_in, num_classes, kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
@@ -120,9 +114,6 @@ class ResNetCIFAR(nnx.Module):
                  bn_axis_name: Optional[str] = None, bn_scale_init: str = "uniform", conv_init_fan: str = "fan_in",
                  classifier_init: str = "torch", shortcut_downsample: str = "subsample",
                  gate_certain_blocks: bool = False, rngs: nnx.Rngs):
-        if shortcut_downsample not in cifar.SHORTCUT_DOWNSAMPLES:
-            raise ValueError(f"shortcut_downsample must be one of {cifar.SHORTCUT_DOWNSAMPLES}, "
-                             f"got {shortcut_downsample!r}")
         n = cifar.blocks_per_stage(depth)
         self.depth = depth
         self.survival_probs = tuple(float(p) for p in survival_probabilities(3 * n, p_last, survival_mode))
@@ -138,9 +129,8 @@ class ResNetCIFAR(nnx.Module):
             blocks = []
             for i in range(n):
                 stride = 2 if s > 0 and i == 0 else 1
-                shortcut = functools.partial(cifar.option_a_shortcut, features=features, stride=stride,
-                                             downsample=shortcut_downsample)
-                blocks.append(StochasticDepth(branch(channels, features, stride), next(probs), shortcut,
+                blocks.append(StochasticDepth(branch(channels, features, stride), next(probs),
+                                              cifar.option_a(features, stride, shortcut_downsample),
                                               drop_mode=drop_mode, gate_certain_blocks=gate_certain_blocks, rngs=gates))
                 channels = features
             setattr(self, f"stage{s + 1}", Stage(blocks))
@@ -153,7 +143,7 @@ class ResNetCIFAR(nnx.Module):
         x = jax.nn.relu(self.bn1(self.conv1(x), mask))
         for s in range(len(cifar.STAGE_FEATURES)):
             x = getattr(self, f"stage{s + 1}")(x, drop_scale, mask)
-        return head(x, self.linear)
+        return self.linear(cifar.global_average_pool(x))
 
 
 class ResNetImageNet(nnx.Module):
@@ -193,7 +183,7 @@ class ResNetImageNet(nnx.Module):
         x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for s in range(len(imagenet.STAGE_WIDTHS)):
             x = getattr(self, f"layer{s + 1}")(x, drop_scale, mask)
-        return head(x, self.linear)
+        return self.linear(cifar.global_average_pool(x))
 
 
 COLLECTIONS = {"params": nnx.Param, "batch_stats": nnx.BatchStat}
