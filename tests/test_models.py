@@ -110,6 +110,24 @@ def test_gates_count_active_blocks(scan_blocks):
     assert abs(np.mean(counts) - expected) < 4 * np.sqrt(2.0 / 60)  # variance per step < 9 * 0.25
 
 
+@pytest.mark.parametrize("scan_blocks", [False, True])
+def test_each_blocks_gate_opens_with_its_survival_probability(scan_blocks):
+    """The model draws its gates in one call (`draw_gates`): block by block, scanned or not, each
+    opens at its own p_l."""
+    model = ResNetCIFAR(14, scan_blocks=scan_blocks, p_last=0.2)
+    x = jnp.ones((2, 8, 8, 3))
+    variables = model.init(jax.random.key(0), x)
+
+    def gates(key):
+        _, upd = model.apply(variables, x, train=True, rngs={"drop": key}, mutable=["batch_stats", "gates"])
+        return jnp.concatenate([jnp.ravel(g) for g in jax.tree.leaves(upd["gates"])])
+
+    draws = 300
+    rates = np.mean(np.asarray(jax.jit(jax.vmap(gates))(jax.random.split(jax.random.key(7), draws))), 0)
+    probs = model.survival_probabilities()  # 0.867 ... 0.2; the leaves' order is the blocks' order
+    assert np.all(np.abs(rates - probs) < 4 * np.sqrt(probs * (1 - probs) / draws))
+
+
 @pytest.mark.slow
 def test_bfloat16_compute_float32_params():
     model = ResNetCIFAR(20, dtype=jnp.bfloat16)

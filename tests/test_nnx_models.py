@@ -11,23 +11,25 @@ import pytest
 from flax import nnx
 
 from sd_jax import aot, nnx as sd_nnx, targets
-from sd_jax.layers.survival import scaled_survival
 from sd_jax.models.cifar import ResNetCIFAR as LinenCIFAR
 from sd_jax.models.imagenet import ResNetImageNet as LinenImageNet
+from sd_jax.nnx.models import Stage
 from sd_jax.training import compiler
 from sd_jax.training.compiled import count_conditionals, gpu_thunks, memory
 from tests.test_aot import NEEDS_GPU_COMPILER
 
 
 def same_gate_draws(model, gates):
-    """Give every gated NNX block a stream whose first draw is the Linen block's gate (`gates`, 0/1
-    in block order), the NNX layer drawing as it does: bernoulli(stream(), p as float32)."""
-    blocks = [m for _, m in nnx.iter_modules(model) if isinstance(m, sd_nnx.StochasticDepth)]
-    assert len(blocks) == len(gates)
-    for block, gate in zip(blocks, gates):
-        p = scaled_survival(jnp.asarray(block.survival_prob, jnp.float32), 1.0)
-        seed = next(s for s in range(1000) if bool(jax.random.bernoulli(nnx.RngStream(s, tag="drop")(), p)) == gate)
-        block.rngs = nnx.RngStream(seed, tag="drop")
+    """Give the NNX model a gate stream whose first draw is the Linen model's gates (`gates`, 0/1 in
+    block order), the model drawing as it does: bernoulli(stream(), every block's p as float32),
+    an RngStream(seed)'s first key being fold_in(key(seed), 0). The blocks, in order."""
+    stages = [m for _, m in nnx.iter_modules(model) if isinstance(m, Stage)]
+    blocks = [b for stage in stages for b in stage.blocks()]
+    p = jnp.asarray([b.survival_prob for b in blocks], jnp.float32)
+    seeds = jnp.arange(100_000)
+    drawn = jax.vmap(lambda s: jax.random.bernoulli(jax.random.fold_in(jax.random.key(s), 0), p))(seeds)
+    seed = int(seeds[jnp.argmax(jnp.all(drawn == jnp.asarray(gates, bool), axis=1))])
+    model.gate_rngs = nnx.RngStream(seed, tag="drop")
     return blocks
 
 
@@ -54,7 +56,7 @@ def assert_models_agree(linen, nnx_model, image_shape, num_classes, block_names,
 
     def linen_loss(params):
         logits, new = linen.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
-                                  rngs={"drop": jax.random.key(2)}, mutable=["batch_stats", "gates"], mask=mask)
+                                  rngs={"drop": jax.random.key(3)}, mutable=["batch_stats", "gates"], mask=mask)
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), new
 
     (loss, new), grads = jax.jit(jax.value_and_grad(linen_loss, has_aux=True))(variables["params"])

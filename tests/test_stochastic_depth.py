@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from sd_jax.models.cifar import BasicBranch, option_a_shortcut
-from sd_jax.layers.stochastic_depth import StochasticDepth
+from sd_jax.layers.stochastic_depth import StochasticDepth, draw_gates
 
 X = jax.random.normal(jax.random.key(0), (8, 8, 8, 4))
 
@@ -104,6 +104,32 @@ def test_gate_frequency_matches_survival_probability():
         jax.random.split(jax.random.key(5), draws))
     rate = float(jnp.mean(gates))
     assert abs(rate - 0.3) < 4 * np.sqrt(0.3 * 0.7 / draws)
+
+
+def test_draw_gates_are_the_bernoulli_draws_of_the_scaled_survival_probabilities():
+    """One call's gates, element by element, are jax.random.bernoulli over the vector of
+    1 - drop_scale (1 - p_i): each a scalar of its own for a block's conditional."""
+    probs = np.array([1.0, 0.9, 0.7, 0.5, 0.3, 0.1, 0.0])
+    for seed, scale in ((0, 1.0), (1, 0.5), (2, 1.0), (3, 0.25)):
+        key = jax.random.key(seed)
+        gates = jax.jit(draw_gates)(key, probs, scale)
+        expected = np.asarray(jax.random.bernoulli(key, jnp.asarray(1.0 - scale * (1.0 - probs), jnp.float32)))
+        assert [g.shape for g in gates] == [()] * len(probs)
+        assert [bool(g) for g in gates] == expected.tolist()
+    rates = np.mean([[bool(g) for g in draw_gates(k, probs)] for k in jax.random.split(jax.random.key(4), 300)], 0)
+    assert np.all(np.abs(rates - probs) <= 4 * np.sqrt(probs * (1 - probs) / 300) + 1e-9)
+
+
+@pytest.mark.parametrize("gate", [False, True])
+def test_a_gate_given_by_the_caller_decides_the_block(gate):
+    """`gate=` replaces the layer's own draw: closed, the activated shortcut whatever p; open, the
+    residual block."""
+    layer, branch, shortcut = make_layer()
+    variables = perturb_batch_stats(init(layer))
+    out, updates = layer.apply(variables, X, 0.5, train=True, gate=jnp.asarray(gate), mutable=["batch_stats", "gates"])
+    residual = branch.apply(branch_variables(variables), X, train=True, mutable=["batch_stats"])[0]
+    np.testing.assert_allclose(out, jax.nn.relu(shortcut(X) + residual if gate else shortcut(X)), atol=1e-6)
+    assert float(updates["gates"]["active"][0]) == float(gate)
 
 
 def test_warmup_scale_zero_keeps_every_block():

@@ -30,9 +30,26 @@ def drop_path(key, p, x, residual):
     return residual * scale, keep.mean()
 
 
+def draw_gates(key, survival_probs, drop_scale=1.0) -> list:
+    """The "block"-mode gates of several blocks in one random call, a boolean scalar each: block i
+    open with probability 1 - drop_scale * (1 - p_i). A draw per block compiles to a random-bit
+    program per block, which XLA fuses into one kernel whose size slows its fusion passes
+    quadratically (docs/performance.md). Each gate is a reduction of the drawn vector: XLA writes
+    sibling reductions in one kernel, where a slice per gate would be a kernel per gate (a
+    conditional reads its predicate from a buffer of its own)."""
+    drawn = jax.random.bernoulli(key, scaled_survival(jnp.asarray(survival_probs, jnp.float32), drop_scale))
+    index = jnp.arange(drawn.shape[0])
+    return [jnp.any(drawn & (index == i)) for i in range(drawn.shape[0])]
+
+
 def always_survives(survival_prob) -> bool:
     """Whether `survival_prob` is known at trace time to be 1: such a block needs no gate at all."""
     return isinstance(survival_prob, numbers.Real) and survival_prob >= 1.0
+
+
+def has_gate(drop_mode: str, survival_prob, gate_certain_blocks: bool) -> bool:
+    """Whether a block's training call runs its branch behind a gate (see `StochasticDepth`)."""
+    return drop_mode == "block" and (gate_certain_blocks or not always_survives(survival_prob))
 
 
 class StochasticDepth(nn.Module):
@@ -61,7 +78,9 @@ class StochasticDepth(nn.Module):
     Training records the fraction of the batch for which the
     branch ran in the "gates" collection (make it mutable to read it). `mask` (N,), when given, is
     passed on as `branch(x, train=..., mask=mask)` (and so to a module shortcut): the real examples
-    of a padded batch, for the BatchNorm statistics.
+    of a padded batch, for the BatchNorm statistics. `gate`, when given, is the call's "block" gate
+    drawn by the caller: a model with many blocks draws them all in one call (`draw_gates`, as the
+    models do), which compiles far faster than a draw per block.
     """
 
     branch: nn.Module
@@ -88,7 +107,7 @@ class StochasticDepth(nn.Module):
     def _residual(self, x, train: bool, mask):
         return self.f(x, train=train) if mask is None else self.f(x, train=train, mask=mask)
 
-    def __call__(self, x, survival_prob: Any, *, train: bool, drop_scale: Any = 1.0, mask=None):
+    def __call__(self, x, survival_prob: Any, *, train: bool, drop_scale: Any = 1.0, mask=None, gate=None):
         shortcut = self._shortcut(x, train, mask)
         if not train:
             scale = evaluation_scale(self.drop_mode, survival_prob)
@@ -98,12 +117,11 @@ class StochasticDepth(nn.Module):
                 self.sow("gates", "active", jnp.float32(1.0))
             return self._activate(shortcut + self._residual(x, True, mask).astype(shortcut.dtype))
         p = scaled_survival(jnp.asarray(survival_prob, jnp.float32), drop_scale)
-        key = self.make_rng("drop")
         if self.drop_mode == "sample":
-            residual, kept = drop_path(key, p, x, self._residual(x, True, mask))
+            residual, kept = drop_path(self.make_rng("drop"), p, x, self._residual(x, True, mask))
             self.sow("gates", "active", kept)
             return self._activate(shortcut + residual.astype(shortcut.dtype))
-        gate = jax.random.bernoulli(key, p)
+        gate = jax.random.bernoulli(self.make_rng("drop"), p) if gate is None else gate
         self.sow("gates", "active", gate.astype(jnp.float32))
         variables = dict(self.f.variables)
         params = variables.pop("params")

@@ -11,7 +11,7 @@ from sd_jax.layers.batch_norm import BatchNorm, at_least_float32
 from sd_jax.layers.conv import Conv3x3
 from sd_jax.layers.gate import SAVE_POLICY
 from sd_jax.layers.survival import survival_probabilities
-from sd_jax.layers.stochastic_depth import StochasticDepth
+from sd_jax.layers.stochastic_depth import StochasticDepth, draw_gates, has_gate
 
 STAGE_FEATURES = (16, 32, 64)
 BN_SCALE_INITS = ("uniform", "ones")
@@ -128,9 +128,9 @@ class ScannedStochasticDepth(StochasticDepth):
     train: bool = False
     always_on: bool = False
 
-    def __call__(self, x, survival_prob, drop_scale, mask):
+    def __call__(self, x, survival_prob, gate, drop_scale, mask):
         survival_prob = 1.0 if self.always_on else survival_prob
-        return super().__call__(x, survival_prob, train=self.train, drop_scale=drop_scale, mask=mask), None
+        return super().__call__(x, survival_prob, train=self.train, drop_scale=drop_scale, mask=mask, gate=gate), None
 
 
 class Stage(nn.Module):
@@ -154,16 +154,18 @@ class Stage(nn.Module):
     gate_certain_blocks: bool = False
 
     @nn.compact
-    def __call__(self, x, drop_scale, mask=None):
+    def __call__(self, x, drop_scale, mask=None, gates=None):
         first = StochasticDepth(self.first_branch, self.first_shortcut, self.drop_mode,
                                 gate_certain_blocks=self.gate_certain_blocks, name="block0")
-        x = first(x, self.survival_probs[0], train=self.train, drop_scale=drop_scale, mask=mask)
+        x = first(x, self.survival_probs[0], train=self.train, drop_scale=drop_scale, mask=mask,
+                  gate=None if gates is None else gates[0])
         rest = self.survival_probs[1:]
         if not self.scan_blocks:
             for i, p in enumerate(rest, start=1):
                 block = StochasticDepth(self.branch, self.shortcut, self.drop_mode,
                                         gate_certain_blocks=self.gate_certain_blocks, name=f"block{i}")
-                x = block(x, p, train=self.train, drop_scale=drop_scale, mask=mask)
+                x = block(x, p, train=self.train, drop_scale=drop_scale, mask=mask,
+                          gate=None if gates is None else gates[i])
             return x
         if not rest:
             return x
@@ -179,12 +181,24 @@ class Stage(nn.Module):
             block,
             variable_axes={"params": 0, "batch_stats": 0, "gates": 0},
             split_rngs={"params": True, "drop": True},
-            in_axes=(0, nn.broadcast, nn.broadcast),
+            in_axes=(0, 0, nn.broadcast, nn.broadcast),
             length=len(rest),
         )(self.branch, self.shortcut, self.drop_mode, gate_certain_blocks=self.gate_certain_blocks, train=self.train,
           always_on=always_on, name="blocks")
-        x, _ = blocks(x, jnp.asarray(rest, jnp.float32), drop_scale, mask)
+        x, _ = blocks(x, jnp.asarray(rest, jnp.float32), None if gates is None else jnp.stack(gates[1:]), drop_scale,
+                      mask)
         return x
+
+
+def model_gates(module: nn.Module, survival_probs, train: bool, drop_mode: str, gate_certain_blocks: bool,
+                drop_scale) -> Optional[list]:
+    """Every block's gate of a training step in one random call from the module's "drop" stream
+    (`draw_gates`), or None where no block has one (evaluation, initialisation, constant depth,
+    "sample" mode)."""
+    if not train or module.is_initializing() or not any(
+            has_gate(drop_mode, p, gate_certain_blocks) for p in survival_probs):
+        return None
+    return draw_gates(module.make_rng("drop"), survival_probs, drop_scale)
 
 
 class ResNetCIFAR(nn.Module):
@@ -243,6 +257,7 @@ class ResNetCIFAR(nn.Module):
     def __call__(self, x, train: bool = False, drop_scale: Any = 1.0, mask=None):
         n = blocks_per_stage(self.depth)
         probs = [float(p) for p in self.survival_probabilities()]
+        gates = model_gates(self, probs, train, self.drop_mode, self.gate_certain_blocks, drop_scale)
         x = Conv3x3(STAGE_FEATURES[0], dtype=self.dtype, conv_grads=self.conv_grads, init_fan=self.conv_init_fan,
                     name="conv1")(x)
         x = nn.relu(batch_norm(train, self.dtype, "bn1", self.bn_axis_name, self.bn_scale_init)(x, mask))
@@ -253,7 +268,7 @@ class ResNetCIFAR(nn.Module):
             stride = 1 if s == 0 else 2
             x = Stage(branch(stride), shortcut(stride), branch(1), shortcut(1), tuple(probs[s * n:(s + 1) * n]),
                       train, self.drop_mode, self.scan_blocks, self.gate_certain_blocks,
-                      name=f"stage{s + 1}")(x, drop_scale, mask)
+                      name=f"stage{s + 1}")(x, drop_scale, mask, None if gates is None else gates[s * n:(s + 1) * n])
         return classifier(self.num_classes, STAGE_FEATURES[-1], self.classifier_init)(global_average_pool(x))
 
 

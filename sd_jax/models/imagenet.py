@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from sd_jax.models.cifar import Stage, batch_norm, classifier, global_average_pool
+from sd_jax.models.cifar import Stage, batch_norm, classifier, global_average_pool, model_gates
 from sd_jax.layers.stochastic_depth import identity
 from sd_jax.layers.survival import survival_probabilities
 
@@ -144,6 +144,7 @@ class ResNetImageNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False, drop_scale: Any = 1.0, mask=None):
         probs = [float(p) for p in self.survival_probabilities()]
+        gates = model_gates(self, probs, train, self.drop_mode, self.gate_certain_blocks, drop_scale)
         x = conv(STAGE_WIDTHS[0], 7, 2, self.dtype, "conv1")(x)
         x = nn.relu(batch_norm(train, self.dtype, "bn1", self.bn_axis_name, "ones")(x, mask))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -155,6 +156,6 @@ class ResNetImageNet(nn.Module):
             projection = Projection(EXPANSION * width, stride, self.dtype, self.bn_axis_name, parent=None)
             x = Stage(branch(stride), projection, branch(1), identity, tuple(probs[start:start + blocks]), train,
                       self.drop_mode, self.scan_blocks, self.gate_certain_blocks,
-                      name=f"layer{s + 1}")(x, drop_scale, mask)
+                      name=f"layer{s + 1}")(x, drop_scale, mask, None if gates is None else gates[start:start + blocks])
             start += blocks
         return classifier(self.num_classes, EXPANSION * STAGE_WIDTHS[-1], "torch")(global_average_pool(x))

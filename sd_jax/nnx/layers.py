@@ -82,8 +82,10 @@ class StochasticDepth(nnx.Module):
         return source() if isinstance(source, nnx.RngStream) else source
 
     def __call__(self, x, *, drop_scale: Any = 1.0, mask=None, deterministic: Optional[bool] = None,
-                 rngs: Optional[RngSource] = None):
-        """`rngs` (an nnx.Rngs, an RngStream or a key) replaces the layer's own stream for this call."""
+                 rngs: Optional[RngSource] = None, gate=None):
+        """`rngs` (an nnx.Rngs, an RngStream or a key) replaces the layer's own stream for this call;
+        `gate` (a boolean scalar), when given, is this call's block gate, drawn by the caller
+        (`sd_jax.layers.stochastic_depth.draw_gates`: one draw for many blocks, as the models do)."""
         shortcut = self._call(self.skip, x, mask) if isinstance(self.skip, nnx.Module) else self.skip(x)
         p = self.survival_prob
         if self.deterministic if deterministic is None else deterministic:
@@ -93,12 +95,11 @@ class StochasticDepth(nnx.Module):
             self.active[...] = jnp.float32(1.0)
             return self._activate(shortcut + self._call(self.f, x, mask).astype(shortcut.dtype))
         p = scaled_survival(jnp.asarray(p, jnp.float32), drop_scale)
-        key = self._key(rngs)
         if self.drop_mode == "sample":
-            residual, kept = drop_path(key, p, x, self._call(self.f, x, mask))
+            residual, kept = drop_path(self._key(rngs), p, x, self._call(self.f, x, mask))
             self.active[...] = kept
             return self._activate(shortcut + residual.astype(shortcut.dtype))
-        gate = jax.random.bernoulli(key, p)
+        gate = jax.random.bernoulli(self._key(rngs), p) if gate is None else gate
         self.active[...] = gate.astype(jnp.float32)
         graphdef, params, state = nnx.split(self.f, nnx.Param, ...)
 

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sd_jax.layers.stochastic_depth import draw_gates, has_gate
 from sd_jax.layers.survival import survival_probabilities
 from sd_jax.models import cifar, imagenet
 from sd_jax.nnx.layers import BatchNorm, Conv3x3, StochasticDepth
@@ -80,15 +81,33 @@ class Stage(nnx.Module):
         for i, block in enumerate(blocks):
             setattr(self, f"block{i}", block)
 
-    def __call__(self, x, drop_scale, mask):
-        for i in range(self.num_blocks):
-            x = getattr(self, f"block{i}")(x, drop_scale=drop_scale, mask=mask)
+    def blocks(self) -> list:
+        return [getattr(self, f"block{i}") for i in range(self.num_blocks)]
+
+    def __call__(self, x, drop_scale, mask, gates=None):
+        for i, block in enumerate(self.blocks()):
+            x = block(x, drop_scale=drop_scale, mask=mask, gate=None if gates is None else gates[i])
         return x
+
+
+def run_stages(stages, stream: Optional[nnx.RngStream], x, drop_scale, mask):
+    """The stages one after another, every gate of a training call drawn in one random call from
+    `stream` (`draw_gates`, as the Linen models do) and handed to its block."""
+    blocks = [b for stage in stages for b in stage.blocks()]
+    gates = None
+    if stream is not None and any(has_gate(b.drop_mode, b.survival_prob, b.gate_certain_blocks)
+                                  and not b.deterministic for b in blocks):
+        gates = draw_gates(stream(), [b.survival_prob for b in blocks], drop_scale)
+    start = 0
+    for stage in stages:
+        x = stage(x, drop_scale, mask, None if gates is None else gates[start:start + stage.num_blocks])
+        start += stage.num_blocks
+    return x
 
 
 def gate_stream(rngs: nnx.Rngs, survival_probs, gate_certain_blocks: bool) -> Optional[nnx.RngStream]:
     """One fork of the "drop" stream for all of a model's gates (a step then updates one counter,
-    not one per block: a kernel each on a GPU); None when no block has a gate."""
+    not one per block or stage: a kernel each on a GPU); None when no block has a gate."""
     if not gate_certain_blocks and min(survival_probs) >= 1.0:
         return None
     try:
@@ -134,6 +153,7 @@ class ResNetCIFAR(nnx.Module):
                                               drop_mode=drop_mode, gate_certain_blocks=gate_certain_blocks, rngs=gates))
                 channels = features
             setattr(self, f"stage{s + 1}", Stage(blocks))
+        self.gate_rngs = nnx.data(gates)
         self.linear = classifier(channels, num_classes, classifier_init, rngs)
 
     def stage_sizes(self) -> dict:
@@ -141,8 +161,8 @@ class ResNetCIFAR(nnx.Module):
 
     def __call__(self, x, *, drop_scale: Any = 1.0, mask=None):
         x = jax.nn.relu(self.bn1(self.conv1(x), mask))
-        for s in range(len(cifar.STAGE_FEATURES)):
-            x = getattr(self, f"stage{s + 1}")(x, drop_scale, mask)
+        stages = [getattr(self, f"stage{s + 1}") for s in range(len(cifar.STAGE_FEATURES))]
+        x = run_stages(stages, self.gate_rngs, x, drop_scale, mask)
         return self.linear(cifar.global_average_pool(x))
 
 
@@ -173,6 +193,7 @@ class ResNetImageNet(nnx.Module):
                                               gate_certain_blocks=gate_certain_blocks, rngs=gates))
                 channels = out
             setattr(self, f"layer{s + 1}", Stage(blocks))
+        self.gate_rngs = nnx.data(gates)
         self.linear = classifier(channels, num_classes, "torch", rngs)
 
     def stage_sizes(self) -> dict:
@@ -181,8 +202,8 @@ class ResNetImageNet(nnx.Module):
     def __call__(self, x, *, drop_scale: Any = 1.0, mask=None):
         x = jax.nn.relu(self.bn1(self.conv1(x), mask))
         x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        for s in range(len(imagenet.STAGE_WIDTHS)):
-            x = getattr(self, f"layer{s + 1}")(x, drop_scale, mask)
+        stages = [getattr(self, f"layer{s + 1}") for s in range(len(imagenet.STAGE_WIDTHS))]
+        x = run_stages(stages, self.gate_rngs, x, drop_scale, mask)
         return self.linear(cifar.global_average_pool(x))
 
 
