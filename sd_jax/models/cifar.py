@@ -154,18 +154,18 @@ class Stage(nn.Module):
     gate_certain_blocks: bool = False
 
     @nn.compact
-    def __call__(self, x, drop_scale, mask=None, gates=None):
+    def __call__(self, x, drop_scale, mask, gates):
+        """`gates`: each block's gate drawn by the model, or None for a block that draws none
+        (`model_gates`)."""
         first = StochasticDepth(self.first_branch, self.first_shortcut, self.drop_mode,
                                 gate_certain_blocks=self.gate_certain_blocks, name="block0")
-        x = first(x, self.survival_probs[0], train=self.train, drop_scale=drop_scale, mask=mask,
-                  gate=None if gates is None else gates[0])
+        x = first(x, self.survival_probs[0], train=self.train, drop_scale=drop_scale, mask=mask, gate=gates[0])
         rest = self.survival_probs[1:]
         if not self.scan_blocks:
             for i, p in enumerate(rest, start=1):
                 block = StochasticDepth(self.branch, self.shortcut, self.drop_mode,
                                         gate_certain_blocks=self.gate_certain_blocks, name=f"block{i}")
-                x = block(x, p, train=self.train, drop_scale=drop_scale, mask=mask,
-                          gate=None if gates is None else gates[i])
+                x = block(x, p, train=self.train, drop_scale=drop_scale, mask=mask, gate=gates[i])
             return x
         if not rest:
             return x
@@ -185,19 +185,19 @@ class Stage(nn.Module):
             length=len(rest),
         )(self.branch, self.shortcut, self.drop_mode, gate_certain_blocks=self.gate_certain_blocks, train=self.train,
           always_on=always_on, name="blocks")
-        x, _ = blocks(x, jnp.asarray(rest, jnp.float32), None if gates is None else jnp.stack(gates[1:]), drop_scale,
-                      mask)
+        drawn = None if gates[1] is None else jnp.stack(gates[1:])
+        x, _ = blocks(x, jnp.asarray(rest, jnp.float32), drawn, drop_scale, mask)
         return x
 
 
 def model_gates(module: nn.Module, survival_probs, train: bool, drop_mode: str, gate_certain_blocks: bool,
-                drop_scale) -> Optional[list]:
+                drop_scale) -> list:
     """Every block's gate of a training step in one random call from the module's "drop" stream
-    (`draw_gates`), or None where no block has one (evaluation, initialisation, constant depth,
+    (`draw_gates`); all None where no block has one (evaluation, initialisation, constant depth,
     "sample" mode)."""
     if not train or module.is_initializing() or not any(
             has_gate(drop_mode, p, gate_certain_blocks) for p in survival_probs):
-        return None
+        return [None] * len(survival_probs)
     return draw_gates(module.make_rng("drop"), survival_probs, drop_scale)
 
 
@@ -268,7 +268,7 @@ class ResNetCIFAR(nn.Module):
             stride = 1 if s == 0 else 2
             x = Stage(branch(stride), shortcut(stride), branch(1), shortcut(1), tuple(probs[s * n:(s + 1) * n]),
                       train, self.drop_mode, self.scan_blocks, self.gate_certain_blocks,
-                      name=f"stage{s + 1}")(x, drop_scale, mask, None if gates is None else gates[s * n:(s + 1) * n])
+                      name=f"stage{s + 1}")(x, drop_scale, mask, gates[s * n:(s + 1) * n])
         return classifier(self.num_classes, STAGE_FEATURES[-1], self.classifier_init)(global_average_pool(x))
 
 

@@ -156,6 +156,6 @@ class ResNetImageNet(nn.Module):
             projection = Projection(EXPANSION * width, stride, self.dtype, self.bn_axis_name, parent=None)
             x = Stage(branch(stride), projection, branch(1), identity, tuple(probs[start:start + blocks]), train,
                       self.drop_mode, self.scan_blocks, self.gate_certain_blocks,
-                      name=f"layer{s + 1}")(x, drop_scale, mask, None if gates is None else gates[start:start + blocks])
+                      name=f"layer{s + 1}")(x, drop_scale, mask, gates[start:start + blocks])
             start += blocks
         return classifier(self.num_classes, EXPANSION * STAGE_WIDTHS[-1], "torch")(global_average_pool(x))

@@ -84,9 +84,10 @@ class Stage(nnx.Module):
     def blocks(self) -> list:
         return [getattr(self, f"block{i}") for i in range(self.num_blocks)]
 
-    def __call__(self, x, drop_scale, mask, gates=None):
-        for i, block in enumerate(self.blocks()):
-            x = block(x, drop_scale=drop_scale, mask=mask, gate=None if gates is None else gates[i])
+    def __call__(self, x, drop_scale, mask, gates):
+        """`gates`: each block's gate drawn by the model, or None for a block that draws none."""
+        for block, gate in zip(self.blocks(), gates):
+            x = block(x, drop_scale=drop_scale, mask=mask, gate=gate)
         return x
 
 
@@ -94,13 +95,13 @@ def run_stages(stages, stream: Optional[nnx.RngStream], x, drop_scale, mask):
     """The stages one after another, every gate of a training call drawn in one random call from
     `stream` (`draw_gates`, as the Linen models do) and handed to its block."""
     blocks = [b for stage in stages for b in stage.blocks()]
-    gates = None
+    gates = [None] * len(blocks)
     if stream is not None and any(has_gate(b.drop_mode, b.survival_prob, b.gate_certain_blocks)
                                   and not b.deterministic for b in blocks):
         gates = draw_gates(stream(), [b.survival_prob for b in blocks], drop_scale)
     start = 0
     for stage in stages:
-        x = stage(x, drop_scale, mask, None if gates is None else gates[start:start + stage.num_blocks])
+        x = stage(x, drop_scale, mask, gates[start:start + stage.num_blocks])
         start += stage.num_blocks
     return x
 
