@@ -98,8 +98,8 @@ def training_calls(config, devices, shapes: DataShapes):
     mesh = Mesh(np.array(devices), (parallel.AXIS,))
     plan = make_plan(config, shapes.num_train, shapes.num_classes, shapes.translate, shapes.flip, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
-    state = abstract(jax.eval_shape(functools.partial(make_train_state, plan=plan,
-                                                      image_shape=shapes.image_shape), jax.random.key(0)), replicated)
+    variables = jax.eval_shape(plan.model.init, jax.random.key(0), jnp.zeros((1,) + shapes.image_shape))
+    state = abstract(jax.eval_shape(functools.partial(make_train_state, plan=plan), variables), replicated)
     keys = abstract(jax.eval_shape(lambda: run_keys(config.seed)), replicated)
     mean, std = (abstract(jnp.asarray(s), replicated) for s in
                  cifar_svhn.normalization_stats(np.zeros((1,) + shapes.image_shape, np.uint8), config.normalization))

@@ -7,7 +7,8 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from sd_jax.layers.conv import CONV_GRADS, INIT_FANS
+from sd_jax.layers.conv import CONV_GRADS
+from sd_jax.layers.initializers import INIT_FANS
 from sd_jax.data.cifar_svhn import NORMALIZATIONS
 from sd_jax.models.cifar import BN_SCALE_INITS, CLASSIFIER_INITS, SHORTCUT_DOWNSAMPLES, blocks_per_stage
 from sd_jax.models.imagenet import stage_blocks

@@ -8,9 +8,7 @@ import pytest
 from sd_jax import targets
 
 from sd_jax.training import compiler
-from sd_jax.training.plan import init_variables, make_model
 from tests import test_aot
-from tests.test_training import tiny_config
 
 CPU_ONLY = pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the XLA:CPU options")
 
@@ -58,19 +56,6 @@ def test_an_option_this_xla_does_not_know_is_dropped_with_a_warning(no_user_flag
     assert compiler.compiler_options() == {}
     assert "did not accept" in caplog.text
     assert float(compiler.jit(jnp.sum)(jnp.arange(4.0))) == 6.0
-
-
-@pytest.mark.slow
-@CPU_ONLY
-def test_the_initialisation_options_give_the_default_compiles_weights_bit_for_bit(no_user_flags):
-    assert compiler.compiler_options(table=compiler.INIT_OPTIONS) == compiler.INIT_OPTIONS["cpu"]
-    model = make_model(tiny_config(), num_classes=10)  # He-normal convs, uniform BN scales and classifier
-    fast = init_variables(model, jax.random.key(3), (32, 32, 3))
-    with compiler.without_options():  # plain jax.jit: XLA's default optimisation level
-        default = init_variables(model, jax.random.key(3), (32, 32, 3))
-    assert jax.tree.structure(fast) == jax.tree.structure(default)
-    for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(default)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_backends_without_options_get_none(no_user_flags):

@@ -16,14 +16,14 @@ from sd_jax.models.cifar import ResNetCIFAR, option_a_shortcut
 from sd_jax.training.experiment import make_experiment
 from sd_jax.training.feeds import epoch_permutation
 from sd_jax.training.loop import train_and_evaluate
-from sd_jax.training.plan import steps_per_epoch
+from sd_jax.training.plan import init_variables, steps_per_epoch
 from sd_jax.training.steps import make_train_steps
 from tests.test_training import tiny_config
 
 
 def init_params(**model_kwargs):
-    model = ResNetCIFAR(110, 10, **model_kwargs)
-    return model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    """ResNet-110's initial parameters as train.py draws them (one draw for all parameters)."""
+    return init_variables(ResNetCIFAR(110, 10, **model_kwargs), jax.random.key(0), (32, 32, 3))["params"]
 
 
 def leaves_named(tree, name):

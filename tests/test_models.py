@@ -76,23 +76,6 @@ def test_scan_and_unrolled_agree_given_the_same_weights():
     assert jax.tree.structure(to_scanned_layout(unrolled_vars, depth)) == jax.tree.structure(variables)
 
 
-def test_initialisation_draws_the_scanned_twin_and_unstacks_it():
-    """`plan.init_variables`: an unrolled model's initial variables are its scanned twin's (one loop
-    body draws each stage's blocks 2..n, so the program does not grow with depth), unstacked."""
-    from sd_jax.training.plan import init_variables
-
-    model = ResNetCIFAR(20, p_last=0.5)
-    variables = init_variables(model, jax.random.key(3), (32, 32, 3))
-    twin = ResNetCIFAR(20, p_last=0.5, scan_blocks=True).init(jax.random.key(3), jnp.zeros((1, 32, 32, 3)))
-    assert jax.tree.structure(variables) == jax.tree.structure(model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
-    for a, b in zip(jax.tree.leaves(to_scanned_layout(variables, 20)), jax.tree.leaves(twin)):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-    kernels = [np.asarray(variables["params"]["stage2"][f"block{i}"]["f"]["conv2"]["kernel"]) for i in range(3)]
-    assert not np.allclose(kernels[1], kernels[2]) and not np.allclose(kernels[0], kernels[1])  # draws of their own
-    fan_in = 9 * 32
-    assert np.std(np.concatenate([k.ravel() for k in kernels])) == pytest.approx(np.sqrt(2 / fan_in), rel=0.05)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("scan_blocks", [False, True])
 def test_gates_count_active_blocks(scan_blocks):

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from sd_jax.layers import initializers
 from sd_jax.layers.gate import SAVED_NAME
 
 MOMENTUM = 0.9  # running = MOMENTUM * running + (1 - MOMENTUM) * batch: Torch/PyTorch momentum 0.1
@@ -85,17 +86,17 @@ class BatchNorm(nn.Module):
     use_running_average: bool
     dtype: Any = jnp.float32
     axis_name: Optional[str] = None
-    scale_init: Callable = nn.initializers.ones
+    scale_init: Callable = initializers.constant(1.0)
     momentum: float = MOMENTUM
     epsilon: float = EPSILON
 
     @nn.compact
     def __call__(self, x, mask=None):
         features, stats_dtype = (x.shape[-1],), at_least_float32(self.dtype)
-        running_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(features, stats_dtype))
-        running_var = self.variable("batch_stats", "var", lambda: jnp.ones(features, stats_dtype))
+        running_mean = self.variable("batch_stats", "mean", initializers.constant(0.0), None, features, stats_dtype)
+        running_var = self.variable("batch_stats", "var", initializers.constant(1.0), None, features, stats_dtype)
         scale = self.param("scale", self.scale_init, features, jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, features, jnp.float32)
+        bias = self.param("bias", initializers.constant(0.0), features, jnp.float32)
         if self.use_running_average:
             mean, var = running_mean.value, running_var.value
         else:

@@ -13,10 +13,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from sd_jax.layers.initializers import he_normal
+
 _NHWC = ("NHWC", "HWIO", "NHWC")
 _PAD = ((1, 1), (1, 1))
 CONV_GRADS = ("auto", "explicit", "xla")
-INIT_FANS = ("fan_in", "fan_out")
 
 
 def _conv(x, kernel, stride):
@@ -73,13 +74,6 @@ def resolve_conv_grads(conv_grads: str, platform: str = "") -> str:
     if conv_grads == "auto":
         return "explicit" if (platform or jax.default_backend()) == "cpu" else "xla"
     return conv_grads
-
-
-def he_normal(init_fan: str):
-    """He-normal initialiser, std sqrt(2 / fan) over `init_fan` ("fan_in" or "fan_out")."""
-    if init_fan not in INIT_FANS:
-        raise ValueError(f"conv_init_fan must be one of {INIT_FANS}, got {init_fan!r}")
-    return nn.initializers.variance_scaling(2.0, init_fan, "normal")
 
 
 def conv3x3_in(x, kernel, stride: int, dtype, conv_grads: str = "auto"):

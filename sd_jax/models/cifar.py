@@ -9,6 +9,7 @@ import numpy as np
 
 from sd_jax.layers.batch_norm import BatchNorm, at_least_float32
 from sd_jax.layers.conv import Conv3x3
+from sd_jax.layers import initializers
 from sd_jax.layers.gate import SAVE_POLICY
 from sd_jax.layers.survival import survival_probabilities
 from sd_jax.layers.stochastic_depth import StochasticDepth, draw_gates, has_gate
@@ -57,11 +58,11 @@ def bn_scale_initializer(name: str):
     """"uniform" in [0, 1): Torch7's BatchNormalization:reset(), which the authors' code left in
     place (their README explains why); "ones": PyTorch and Flax; "zeros": the last BN of a
     residual branch under zero_init_residual (the ImageNet models)."""
-    initializers = {"uniform": nn.initializers.uniform(1.0), "ones": nn.initializers.ones,
-                    "zeros": nn.initializers.zeros}
-    if name not in initializers:
+    choices = {"uniform": initializers.uniform(0.0, 1.0), "ones": initializers.constant(1.0),
+               "zeros": initializers.constant(0.0)}
+    if name not in choices:
         raise ValueError(f"bn_scale_init must be one of {BN_SCALE_INITS}, got {name!r}")
-    return initializers[name]
+    return choices[name]
 
 
 def batch_norm(train: bool, dtype, name: str, axis_name=None, scale_init: str = "uniform"):
@@ -74,7 +75,7 @@ def batch_norm(train: bool, dtype, name: str, axis_name=None, scale_init: str = 
 def torch_uniform(fan_in: int):
     """Torch7's and PyTorch's default nn.Linear init, for weights and bias: uniform in +-1/sqrt(fan_in)."""
     bound = 1.0 / np.sqrt(fan_in)
-    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+    return initializers.uniform(-bound, bound)
 
 
 def classifier_initializers(fan_in: int, init: str):
@@ -83,7 +84,7 @@ def classifier_initializers(fan_in: int, init: str):
     if init not in CLASSIFIER_INITS:
         raise ValueError(f"classifier_init must be one of {CLASSIFIER_INITS}, got {init!r}")
     if init == "lecun":
-        return nn.initializers.lecun_normal(), nn.initializers.zeros
+        return initializers.lecun_normal(), initializers.constant(0.0)
     return torch_uniform(fan_in), torch_uniform(fan_in)
 
 
@@ -118,6 +119,8 @@ class BasicBranch(nn.Module):
 
 # Under nn.jit each branch enters the traced step as one nested call, which halves the time JAX
 # takes to differentiate the 54 conds of ResNet-110 (docs/performance.md); the HLO is unchanged.
+# Initialisation traces the plain class: `initializers.one_draw` builds a variable on the host only
+# if its initialiser returned into the model's own trace, and a jitted branch's trace is reused.
 JittedBranch = nn.jit(BasicBranch, static_argnames=("train",))
 
 
@@ -262,7 +265,8 @@ class ResNetCIFAR(nn.Module):
                     name="conv1")(x)
         x = nn.relu(batch_norm(train, self.dtype, "bn1", self.bn_axis_name, self.bn_scale_init)(x, mask))
         for s, features in enumerate(STAGE_FEATURES):
-            branch = lambda stride: JittedBranch(features, stride, self.dtype, self.conv_grads, self.bn_axis_name,
+            branch_class = BasicBranch if self.is_initializing() else JittedBranch
+            branch = lambda stride: branch_class(features, stride, self.dtype, self.conv_grads, self.bn_axis_name,
                                                  self.bn_scale_init, self.conv_init_fan, parent=None)
             shortcut = lambda stride: option_a(features, stride, self.shortcut_downsample)
             stride = 1 if s == 0 else 2
@@ -287,12 +291,12 @@ def cifar_stage_sizes(depth: int) -> dict:
 
 def stack_blocks(variables, stage_sizes: dict):
     """Unrolled-layout variables (STAGE/blockI) -> the scan_blocks=True layout (STAGE/block0 and
-    STAGE/blocks, blocks 1..n-1 stacked); `stage_sizes` maps each stage's name to its n."""
+    STAGE/blocks, blocks 1..n-1 stacked on the host); `stage_sizes` maps each stage's name to its n."""
 
     def convert(stage, n):
         out = {"block0": stage["block0"]}
         if n > 1:
-            out["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[stage[f"block{i}"] for i in range(1, n)])
+            out["blocks"] = jax.tree.map(lambda *xs: np.stack(xs), *[stage[f"block{i}"] for i in range(1, n)])
         return out
 
     return _map_stages(variables, stage_sizes, convert)

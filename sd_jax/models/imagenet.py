@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from sd_jax.layers import initializers
 from sd_jax.models.cifar import Stage, batch_norm, classifier, global_average_pool, model_gates
 from sd_jax.layers.stochastic_depth import identity
 from sd_jax.layers.survival import survival_probabilities
@@ -22,7 +23,7 @@ from sd_jax.layers.survival import survival_probabilities
 STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 STAGE_WIDTHS = (64, 128, 256, 512)
 EXPANSION = 4
-he_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # torchvision's kaiming_normal_
+he_fan_out = initializers.he_normal("fan_out")  # torchvision's kaiming_normal_
 
 
 def stage_blocks(depth: int) -> tuple:
@@ -150,8 +151,9 @@ class ResNetImageNet(nn.Module):
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         start = 0
         for s, (blocks, width) in enumerate(zip(stage_blocks(self.depth), STAGE_WIDTHS)):
-            branch = lambda stride: JittedBottleneck(width, stride, self.dtype, self.bn_axis_name,
-                                                     self.zero_init_last_bn, parent=None)
+            branch_class = BottleneckBranch if self.is_initializing() else JittedBottleneck  # as the CIFAR model
+            branch = lambda stride: branch_class(width, stride, self.dtype, self.bn_axis_name, self.zero_init_last_bn,
+                                                 parent=None)
             stride = 1 if s == 0 else 2
             projection = Projection(EXPANSION * width, stride, self.dtype, self.bn_axis_name, parent=None)
             x = Stage(branch(stride), projection, branch(1), identity, tuple(probs[start:start + blocks]), train,

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sd_jax.layers.batch_norm import EPSILON, MOMENTUM, at_least_float32, normalize, running_average, train_statistics
-from sd_jax.layers.conv import conv3x3_in, he_normal
+from sd_jax.layers.conv import conv3x3_in
+from sd_jax.layers.initializers import he_normal
 from sd_jax.layers.gate import gated_residual
 from sd_jax.layers.stochastic_depth import DROP_MODES, always_survives, drop_path, evaluation_scale, identity
 from sd_jax.layers.survival import scaled_survival

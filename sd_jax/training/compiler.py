@@ -32,11 +32,6 @@ BACKEND_OPTIONS = {
     "cpu": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"},
     "gpu": {"xla_gpu_enable_command_buffer": GPU_COMMAND_BUFFER_TYPES},
 }
-# A model's initialisation is one random draw per parameter (threefry, then a scale), and XLA:CPU's
-# LLVM at its default level 3 spends about a second on each draw's kernels: ResNet-20's init took
-# 10 s to compile, ResNet-50's 13 s. At level 1 they compile in 4 and 7 s and give the same weights
-# bit for bit (the forward pass in the init is dead code; docs/performance.md, "The test suite").
-INIT_OPTIONS = {"cpu": {"xla_backend_optimization_level": 1}}
 
 
 _active = True
@@ -71,26 +66,25 @@ def _accepted(device, items: tuple) -> bool:
         return False
 
 
-def compiler_options(device=None, table=None) -> dict:
-    """The options of `table` (default: BACKEND_OPTIONS) for `device`'s platform (default: JAX's
+def compiler_options(device=None) -> dict:
+    """The BACKEND_OPTIONS for `device`'s platform (default: JAX's
     first device), minus any that the user's XLA_FLAGS set. `device` may be a compile-only device of
     another platform (sd_jax.aot)."""
     if not _active:
         return {}
     device = device or jax.devices()[0]
     flags = user_flags()
-    table = BACKEND_OPTIONS if table is None else table
-    options = {k: v for k, v in table.get(device.platform, {}).items() if f"--{k}" not in flags}
+    options = {k: v for k, v in BACKEND_OPTIONS.get(device.platform, {}).items() if f"--{k}" not in flags}
     if options and not _accepted(device, tuple(sorted(options.items()))):
         return {}
     return options
 
 
-def jit(fun, device=None, table=None, **kwargs):
-    """`jax.jit` with the project's compiler options (`table`, default BACKEND_OPTIONS) for
+def jit(fun, device=None, **kwargs):
+    """`jax.jit` with the project's compiler options (BACKEND_OPTIONS) for
     `device`'s platform (default: JAX's first device; pass one of the mesh's devices when compiling
     for a target that is not attached)."""
-    return jax.jit(fun, compiler_options=compiler_options(device, table) or None, **kwargs)
+    return jax.jit(fun, compiler_options=compiler_options(device) or None, **kwargs)
 
 
 def use_compilation_cache(directory: str) -> None:

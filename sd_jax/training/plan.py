@@ -2,6 +2,7 @@
 learning-rate schedule, the step counts, the augmentation, the device mesh, the train state and the
 run's random keys."""
 import dataclasses
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -13,8 +14,9 @@ from jax.sharding import Mesh
 
 from sd_jax.training import compiler, parallel
 from sd_jax.config import ConfigError, resolve_convention, resolve_platform_defaults
+from sd_jax.layers import initializers
 from sd_jax.layers.conv import resolve_conv_grads
-from sd_jax.models.cifar import ResNetCIFAR, unstack_blocks
+from sd_jax.models.cifar import ResNetCIFAR, stack_blocks
 from sd_jax.models.imagenet import ResNetImageNet
 
 
@@ -132,20 +134,20 @@ def make_plan(config, num_train: int, num_classes: int, translate: int, flip: bo
 
 
 def init_variables(model: nn.Module, key, image_shape, device=None) -> dict:
-    """The model's initial params and batch_stats, drawn by its scanned twin (`scan_blocks=True`:
-    each stage's blocks 2..n drawn by one loop body, so the program does not grow with depth) and
-    unstacked for an unrolled model; compiled with compiler.INIT_OPTIONS. ResNet-110's: 13.6 s drawn
-    unrolled, 2.9 s so, on the 2-core CPU (docs/performance.md, "Start-up")."""
+    """The model's initial params and batch_stats as host (numpy) arrays, built from one standard
+    draw per distribution (`initializers.one_draw`, through the unrolled model; stacked for a
+    scanned one, so both layouts start from the same numbers), the draws compiled for `device`'s
+    platform. ImageNet ResNet-152's initialisation compiled for 5.2-5.6 s drawn per parameter
+    shape, for 0.3 s so (2-core CPU; docs/performance.md, "Start-up")."""
+    x = jnp.zeros((1,) + tuple(image_shape))
+    variables = initializers.one_draw(lambda k: model.clone(scan_blocks=False).init(k, x), key,
+                                      functools.partial(compiler.jit, device=device))
+    return stack_blocks(variables, model.stage_sizes()) if model.scan_blocks else variables
 
-    def init(key):
-        variables = model.clone(scan_blocks=True).init(key, jnp.zeros((1,) + tuple(image_shape)))
-        return variables if model.scan_blocks else unstack_blocks(variables, model.stage_sizes())
 
-    return compiler.jit(init, device=device, table=compiler.INIT_OPTIONS)(key)
-
-
-def make_train_state(key, plan: TrainingPlan, image_shape) -> TrainState:
-    variables = init_variables(plan.model, key, image_shape, plan.mesh.devices.flat[0])
+def make_train_state(variables: dict, plan: TrainingPlan) -> TrainState:
+    """The training state at step 0 from the initial `variables` (`init_variables`; abstract ones
+    under `jax.eval_shape` for deviceless compilation)."""
     state = TrainState.create(apply_fn=plan.model.apply, params=variables["params"],
                               batch_stats=variables["batch_stats"], tx=plan.tx)
     return state.replace(step=jnp.zeros((), jnp.int32))
