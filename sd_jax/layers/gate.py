@@ -13,7 +13,9 @@ activation, one kernel per output (docs/performance.md, issue 33). Here:
     per dtype, which a closed branch fills with one kernel; the branch's new state (BatchNorm's
     running averages) travels as it is, written by the open branch's own kernels and copied by
     the closed one (packed, it would cost a kernel per array to unpack on every step);
-  - a ReLU's derivative is read from the block's output, so it keeps nothing.
+  - a ReLU's derivative is read from whether the block's output is positive, kept as a byte per
+    element: in a scan the output itself would be kept once more per block (it is the next
+    block's input, which the scan keeps too).
 The numbers are those of differentiating the conditional (tests/test_gate.py).
 """
 import functools
@@ -93,7 +95,7 @@ def gated_residual(branch: Callable, activation: Optional[Callable], gate, param
 
 
 def _reads_output(activation) -> bool:
-    """A ReLU's derivative is known from its output: nothing to keep."""
+    """A ReLU's derivative is known from its output's sign: no VJP residuals to keep."""
     return activation is None or activation is jax.nn.relu
 
 
@@ -169,16 +171,17 @@ def _gated_fwd(branch, activation, gate, params, x, shortcut, inputs):
         return out, inputs[0], activation_leaves, plan.packing.zeros()
 
     out, new_state, activation_leaves, packed = lax.cond(gate, open_, closed, params, x, shortcut, inputs)
-    return (out, new_state), (gate, params, x, inputs, out, activation_leaves, packed, plan)
+    positive = out > 0 if activation is jax.nn.relu else None  # a byte per element, where out has 2 or 4
+    return (out, new_state), (gate, params, x, inputs, positive, activation_leaves, packed, plan)
 
 
 def _gated_bwd(branch, activation, residuals, cotangents):
-    gate, params, x, inputs, out, activation_leaves, packed, plan = residuals
+    gate, params, x, inputs, positive, activation_leaves, packed, plan = residuals
     g_out, _ = cotangents
     if plan.activation_tree is not None:
         g_pre = jax.tree.unflatten(plan.activation_tree, activation_leaves)(g_out)[0]
     else:
-        g_pre = g_out if activation is None else jnp.where(out > 0, g_out, jnp.zeros_like(g_out))
+        g_pre = g_out if positive is None else jnp.where(positive, g_out, jnp.zeros_like(g_out))
     known = jax.tree.leaves((params, x, inputs))
     grads_packing = _Packing(jax.tree.leaves(params) + [x])
 
