@@ -26,7 +26,7 @@ from sd_jax import cli
 
 from sd_jax.training import compiler, parallel, provenance
 from sd_jax.config import MODEL_DEPTHS, ConfigError, default_config, resolve_convention
-from sd_jax.training.plan import init_variables, make_model, make_plan, make_train_state, run_keys
+from sd_jax.training.plan import initial_state, make_model, make_plan, run_keys
 from sd_jax.training.steps import make_train_steps
 
 # The stochastic configuration's p_L when --p-last is not given: the paper's 0.5 (CIFAR, ResNet-152)
@@ -81,8 +81,7 @@ class JaxStep:
         plan = make_plan(config, num_train, defaults["num_classes"], defaults["translate"], flip=True,
                                   mesh=mesh)
         keys = run_keys(0)
-        variables = init_variables(plan.model, keys["init"], (args.image_size, args.image_size, 3), mesh.devices.flat[0])
-        self.state = parallel.replicate(make_train_state(variables, plan), mesh)
+        self.state = parallel.replicate(initial_state(keys["init"], plan, (args.image_size, args.image_size, 3)), mesh)
         self.keys = parallel.replicate(keys, mesh)
         self.perm = jnp.arange(args.batch_size * args.steps)
         start = time.perf_counter()

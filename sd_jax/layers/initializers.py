@@ -117,10 +117,13 @@ def one_draw(init_fn, key, jit=jax.jit) -> dict:
     `jit` compiles the draws, and `init_fn` for the others if there are any: an initialiser inside
     `nn.jit` or `nn.scan` returns into a trace that is reused, so its variable keeps its own draw."""
     tree, requests = _record(init_fn, key)
-    drawn = [r for r in requests if r is not None and r.distribution is not None]
-    sizes = {name: sum(r.size for r in drawn if r.distribution == name) for name in {r.distribution for r in drawn}}
-    slices = {name: iter(np.split(np.asarray(z), np.cumsum([r.size for r in drawn if r.distribution == name])[:-1]))
-              for name, z in jit(lambda key: standard_draws(key, sizes))(key).items()}
+    sizes = {}  # distribution -> the sizes of its requests, in order
+    for r in requests:
+        if r is not None and r.distribution is not None:
+            sizes.setdefault(r.distribution, []).append(r.size)
+    totals = {name: sum(each) for name, each in sizes.items()}
+    slices = {name: iter(np.split(np.asarray(z), np.cumsum(sizes[name])[:-1]))
+              for name, z in jit(lambda key: standard_draws(key, totals))(key).items()}
     others = iter(jit(lambda key: [leaf for leaf, r in zip(jax.tree.leaves(init_fn(key)), requests) if r is None])(key)
                   if None in requests else ())
     leaves = [next(others) if r is None else r.value(next(slices[r.distribution]) if r.distribution else None)

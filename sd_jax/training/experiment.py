@@ -12,7 +12,7 @@ from sd_jax.data import cifar_svhn, imagenet
 from sd_jax.training import parallel
 from sd_jax.training.startup import untimed
 from sd_jax.config import HOST_FED_DATASETS, ConfigError, resolve_convention
-from sd_jax.training.plan import TrainingPlan, TrainState, init_variables, make_plan, make_train_state, run_keys
+from sd_jax.training.plan import TrainingPlan, TrainState, initial_state, make_plan, run_keys
 
 
 def device_eval_split(split: cifar_svhn.Split, batch_size: int, mesh: Mesh) -> dict:
@@ -70,8 +70,7 @@ def make_experiment(config: ml_collections.ConfigDict, phase=untimed) -> Experim
     plan = make_plan(config, len(dataset.train), dataset.num_classes, dataset.translate, dataset.flip, mesh)
     keys = run_keys(config.seed)
     with phase("initialisation"):
-        variables = init_variables(plan.model, keys["init"], dataset.image_shape, mesh.devices.flat[0])
-        state = parallel.replicate(make_train_state(variables, plan), mesh)
+        state = parallel.replicate(initial_state(keys["init"], plan, dataset.image_shape), mesh)
     keys = parallel.replicate(keys, mesh)
     mean, std = dataset.normalization(config.normalization)
     if host_fed:  # the images stay on the host: sd_jax.data.input_pipeline feeds them (HostFeed)

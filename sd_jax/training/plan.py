@@ -145,8 +145,14 @@ def init_variables(model: nn.Module, key, image_shape, device=None) -> dict:
     return stack_blocks(variables, model.stage_sizes()) if model.scan_blocks else variables
 
 
+def initial_state(key, plan: TrainingPlan, image_shape) -> TrainState:
+    """The training state at step 0, its variables from `init_variables` (host arrays: the caller
+    places the state, `parallel.replicate`)."""
+    return make_train_state(init_variables(plan.model, key, image_shape, plan.mesh.devices.flat[0]), plan)
+
+
 def make_train_state(variables: dict, plan: TrainingPlan) -> TrainState:
-    """The training state at step 0 from the initial `variables` (`init_variables`; abstract ones
+    """The training state at step 0 from the initial `variables` (`initial_state`; abstract ones
     under `jax.eval_shape` for deviceless compilation)."""
     state = TrainState.create(apply_fn=plan.model.apply, params=variables["params"],
                               batch_stats=variables["batch_stats"], tx=plan.tx)
