@@ -57,7 +57,8 @@ def small_config(**overrides):
 
 def test_imagenet_projection_blocks_kept_on_have_no_gate():
     """ResNet-50's 16 blocks without the 4 projection blocks' gates (drop_downsample_blocks=False):
-    12 conditionals in the traced forward pass."""
+    12 conditionals in the traced forward pass (not counting the choice by platform of how the
+    gates are computed, `lax.platform_dependent`, which lowering resolves)."""
     from sd_jax.models.imagenet import ResNetImageNet
 
     def conditionals(**kwargs):
@@ -66,7 +67,8 @@ def test_imagenet_projection_blocks_kept_on_have_no_gate():
         variables = jax.eval_shape(model.init, jax.random.key(0), x)
         apply = lambda v, x: model.apply(v, x, train=True, rngs={"drop": jax.random.key(1)},  # noqa: E731
                                          mutable=["batch_stats", "gates"])
-        return str(jax.make_jaxpr(apply)(variables, x)).count(" cond[")
+        text = str(jax.make_jaxpr(apply)(variables, x))
+        return text.count(" cond[") - text.count("branches_platforms=")
 
     assert conditionals(drop_downsample_blocks=True) == 16
     assert conditionals(drop_downsample_blocks=False) == 12
@@ -158,11 +160,11 @@ def assert_estimate_counts_the_models_work(train: dict, conditionals: int) -> No
 
 def assert_a_closed_gate_costs_a_fraction_of_an_open_one(estimate: dict) -> None:
     """A closed gate (its forward and backward conditionals' closed branches) writes the block's
-    output, its unchanged BatchNorm statistics and the zeros the step reads: under a third of an
-    open gate's kernels and a quarter of its bytes. Differentiating `nn.cond` gave 0.96 and 0.51
-    (docs/performance.md, issue 33)."""
+    output and the zeros the step reads, its BatchNorm statistics being chosen outside: at most a
+    quarter of an open gate's kernels and bytes (issue 33's target). Differentiating `nn.cond`
+    gave 0.96 and 0.51 (docs/performance.md)."""
     opened, closed = estimate["open_gate"], estimate["closed_gate"]
-    assert closed["kernels"] <= opened["kernels"] / 3 and closed["bytes"] <= opened["bytes"] / 4
+    assert closed["kernels"] <= opened["kernels"] / 4 and closed["bytes"] <= opened["bytes"] / 4
     assert closed["flops"] == 0 and opened["flops"] > 0
 
 

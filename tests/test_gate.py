@@ -74,3 +74,28 @@ def test_values_and_gradients_equal_the_differentiated_conditional(float64, monk
     else:
         assert all(np.any(leaf) for leaf in jax.tree.leaves(grads[0]))
 
+
+
+@pytest.mark.parametrize("open_gate", [True, False])
+def test_what_a_closed_branch_leaves_uninitialised_is_never_read(float64, monkeypatch, open_gate):
+    """On a GPU a closed branch returns its kept values, packed state and gradients uninitialised
+    (`lax.empty`; elsewhere zeros): the GPU's code, run here with NaN for what `lax.empty` leaves,
+    still gives the output, the new state and the gradients of the differentiated conditional."""
+    monkeypatch.setattr(gate_module.lax, "platform_dependent", lambda *args, cuda, **others: cuda(*args))
+    monkeypatch.setattr(gate_module.lax, "empty", lambda shape, dtype: jnp.full(shape, jnp.nan, dtype))
+    params, x, shortcut, state, mask = inputs(3)
+    gate = jnp.asarray(open_gate)
+
+    def loss(function, params, x, shortcut):
+        out, new_state = function(gate, params, x, shortcut, state, mask)
+        return jnp.sum(jnp.sin(out)), new_state
+
+    ours = lambda *args: gated_residual(branch, jax.nn.relu, *args)
+    theirs = lambda *args: reference(jax.nn.relu, *args)
+    (_, new_state), grads = jax.jit(jax.value_and_grad(lambda *a: loss(ours, *a), (0, 1, 2), has_aux=True))(
+        params, x, shortcut)
+    (_, state_ref), grads_ref = jax.value_and_grad(lambda *a: loss(theirs, *a), (0, 1, 2), has_aux=True)(
+        params, x, shortcut)
+    for leaf, leaf_ref in zip(jax.tree.leaves((new_state, grads)), jax.tree.leaves((state_ref, grads_ref))):
+        assert np.all(np.isfinite(leaf))
+        np.testing.assert_allclose(leaf, leaf_ref, rtol=1e-12, atol=1e-12)

@@ -11,6 +11,7 @@ model, as Flax's `BatchNorm` computes them (`promote_types(dtype, float32)`).
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
@@ -27,15 +28,33 @@ def at_least_float32(dtype):
     return jnp.promote_types(dtype, jnp.float32)
 
 
+@flax.struct.dataclass
+class ExampleMask:
+    """Which examples of a padded batch are real, and how many. A model makes it once per call
+    (`example_mask`), so that every BatchNorm reads the count: inside a gate's conditional XLA
+    cannot share the mask's sum between blocks, and each open gate summed it again (a kernel)."""
+
+    real: jax.Array  # (N,) bool
+    count: jax.Array  # () float32
+
+
+def example_mask(mask):
+    """`mask` ((N,) bool: the real examples) as an `ExampleMask`; None and an `ExampleMask` as they are."""
+    if mask is None or isinstance(mask, ExampleMask):
+        return mask
+    return ExampleMask(mask, jnp.sum(mask.astype(jnp.float32)))
+
+
 def _sums(x, mask, axis_name):
     """(sum x, sum x^2, count) over batch and space, masked per example, added over `axis_name`."""
     axes = tuple(range(x.ndim - 1))
+    mask = example_mask(mask)
     if mask is None:
         count = jnp.asarray(x.size // x.shape[-1], x.dtype)
         sums = jnp.stack([jnp.sum(x, axes), jnp.sum(x * x, axes)])
     else:
-        weights = mask.astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
-        count = jnp.sum(weights) * (x.size // (x.shape[0] * x.shape[-1]))
+        weights = mask.real.astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+        count = mask.count.astype(x.dtype) * (x.size // (x.shape[0] * x.shape[-1]))
         sums = jnp.stack([jnp.sum(x * weights, axes), jnp.sum(x * x * weights, axes)])
     if axis_name is not None:
         sums, count = jax.lax.psum((sums, count), axis_name)
@@ -70,8 +89,10 @@ def running_average(running, batch, momentum: float = MOMENTUM):
 
 
 def normalize(x, mean, var, scale, bias, epsilon: float, dtype):
-    """(x - mean) / sqrt(var + epsilon) * scale + bias, in `dtype`."""
-    return jnp.asarray((x - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias, dtype)
+    """(x - mean) / sqrt(var + epsilon) * scale + bias, in `dtype`. The per-channel factor is what a
+    gated branch keeps (sd_jax.layers.gate): its backward pass would otherwise recompute it, a kernel."""
+    factor = checkpoint_name(jax.lax.rsqrt(var + epsilon) * scale, SAVED_NAME)
+    return jnp.asarray((x - mean) * factor + bias, dtype)
 
 
 class BatchNorm(nn.Module):

@@ -9,10 +9,14 @@ activation, one kernel per output (docs/performance.md, issue 33). Here:
     is recomputed inside the backward pass's fusions;
   - of those, the ones that are the block's own inputs (the input, the parameters) reach the
     backward pass from outside the conditional, not through it;
-  - the small outputs (the kept reductions, the parameter gradients) travel packed in one vector
-    per dtype, which a closed branch fills with one kernel; the branch's new state (BatchNorm's
-    running averages) travels as it is, written by the open branch's own kernels and copied by
-    the closed one (packed, it would cost a kernel per array to unpack on every step);
+  - the small outputs (the kept reductions, the parameter gradients, the branch's new state)
+    travel packed in one vector per dtype;
+  - a closed branch writes only the block's output: every other output it returns uninitialised
+    (`lax.empty`), and what is chosen outside reads the gate again, `where(gate, value, other)`,
+    fused into the kernels that consume it: the new state (else the old one: a conditional that
+    passed the old state through would copy it, and its outputs could not be written in place of
+    the state a step loop carries), the gradients (else zeros); the kept values are read only by
+    the backward pass's open branch;
   - a ReLU's derivative is read from whether the block's output is positive, kept as a byte per
     element: in a scan the output itself would be kept once more per block (it is the next
     block's input, which the scan keeps too).
@@ -42,6 +46,22 @@ def _channels_last(flat, shape):
     return jnp.moveaxis(flat.reshape(shape[-1:] + shape[:-1]), 0, -1) if len(shape) > 1 else flat.reshape(shape)
 
 
+def _unwritten(shape, dtype):
+    """An array no kernel writes on a GPU (`lax.empty`: uninitialised); zeros elsewhere. On a TPU an
+    uninitialised output of a conditional's branch costs memory (composer's ResNet-50 on one v5e:
+    8.68 GiB against 6.58 with zeros; docs/performance.md), and the CPU writes zeros for both."""
+    return lax.platform_dependent(cuda=lambda: lax.empty(shape, dtype), rocm=lambda: lax.empty(shape, dtype),
+                                  default=lambda: jnp.zeros(shape, dtype))
+
+
+def _zero_where_closed(gate, value):
+    """`value`, or zeros where the gate is closed: a closed branch's gradients are `_unwritten`, so
+    on a GPU the choice is made here (fused into the kernels that read them); elsewhere they are
+    zeros already, and a select would be one more pass over them (XLA:CPU)."""
+    choose = lambda v: jnp.where(gate, v, jnp.zeros_like(v))
+    return lax.platform_dependent(value, cuda=choose, rocm=choose, default=lambda v: v)
+
+
 @jax.tree_util.register_static
 class _Packing:
     """How a list of arrays travels through a conditional: the small ones flattened (channels first)
@@ -58,8 +78,12 @@ class _Packing:
                                     if small and str(s.dtype) == dtype]) for dtype in self.dtypes]
         return vectors, [leaf for leaf, small in zip(leaves, self.small) if not small]
 
-    def zeros(self):
-        return self.pack([jnp.zeros(s.shape, s.dtype) for s in self.structs])
+    def empty(self):
+        """What `pack` returns, never to be read: what a closed branch returns (`_unwritten`)."""
+        sizes = {dtype: sum(int(np.prod(s.shape)) for s, small in zip(self.structs, self.small)
+                            if small and str(s.dtype) == dtype) for dtype in self.dtypes}
+        return ([_unwritten((sizes[dtype],), dtype) for dtype in self.dtypes],
+                [_unwritten(s.shape, s.dtype) for s, small in zip(self.structs, self.small) if not small])
 
     def unpack(self, packed):
         vectors, large = packed
@@ -79,12 +103,13 @@ class _Packing:
 @jax.tree_util.register_static
 class _Plan:
     """What a trace of the open branch found: the structure of its pullback, which of the
-    pullback's residuals are the block's inputs (their indices), how the others travel through
-    the conditional, and the activation's residuals' structure."""
+    pullback's residuals are the block's inputs (their indices), how the others (the first
+    `kept_count` leaves) and the new state travel through the conditional, and the activation's
+    residuals' structure."""
 
-    def __init__(self, pullback_tree, forwarded, packing, activation_tree):
+    def __init__(self, pullback_tree, forwarded, packing, kept_count, activation_tree):
         self.pullback_tree, self.forwarded = pullback_tree, forwarded
-        self.packing, self.activation_tree = packing, activation_tree
+        self.packing, self.kept_count, self.activation_tree = packing, kept_count, activation_tree
 
 
 def gated_residual(branch: Callable, activation: Optional[Callable], gate, params, x, shortcut, state, context=None):
@@ -140,10 +165,13 @@ def _trace_plan(branch, activation, params, x, shortcut, inputs) -> _Plan:
         leaves, tree = jax.tree.flatten(pullback)
         forwarded = _forwarded(leaves, jax.tree.leaves((params, x, inputs)))
         found.update(tree=tree, forwarded=forwarded, activation_tree=activation_tree)
-        return [leaf for leaf, f in zip(leaves, forwarded) if f is None]
+        return [leaf for leaf, f in zip(leaves, forwarded) if f is None], jax.tree.leaves(new_state)
 
-    structs = jax.eval_shape(probe, params, x, shortcut, inputs)
-    return _Plan(found["tree"], found["forwarded"], _Packing(structs), found["activation_tree"])
+    kept, state = jax.eval_shape(probe, params, x, shortcut, inputs)
+    if len(state) != len(jax.tree.leaves(inputs[0])):
+        raise ValueError(f"a gated branch must return a new value for each of the {len(jax.tree.leaves(inputs[0]))} "
+                         f"arrays of state it is given; it returned {len(state)}")
+    return _Plan(found["tree"], found["forwarded"], _Packing(kept + state), len(kept), found["activation_tree"])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -164,13 +192,17 @@ def _gated_fwd(branch, activation, gate, params, x, shortcut, inputs):
     def open_(params, x, shortcut, inputs):
         out, new_state, activation_leaves, _, pullback = _open(branch, activation, params, x, shortcut, inputs)
         kept = [leaf for leaf, f in zip(jax.tree.leaves(pullback), plan.forwarded) if f is None]
-        return out, new_state, activation_leaves, plan.packing.pack(kept)
+        return out, activation_leaves, plan.packing.pack(kept + jax.tree.leaves(new_state))
 
     def closed(params, x, shortcut, inputs):
         out, activation_leaves, _ = _activate(activation, shortcut)
-        return out, inputs[0], activation_leaves, plan.packing.zeros()
+        return out, activation_leaves, plan.packing.empty()
 
-    out, new_state, activation_leaves, packed = lax.cond(gate, open_, closed, params, x, shortcut, inputs)
+    out, activation_leaves, packed = lax.cond(gate, open_, closed, params, x, shortcut, inputs)
+    state = inputs[0]
+    computed = plan.packing.unpack(packed)[plan.kept_count:]
+    new_state = jax.tree.unflatten(jax.tree.structure(state), [
+        jnp.where(gate, new, old) for new, old in zip(computed, jax.tree.leaves(state))])
     positive = out > 0 if activation is jax.nn.relu else None  # a byte per element, where out has 2 or 4
     return (out, new_state), (gate, params, x, inputs, positive, activation_leaves, packed, plan)
 
@@ -186,15 +218,15 @@ def _gated_bwd(branch, activation, residuals, cotangents):
     grads_packing = _Packing(jax.tree.leaves(params) + [x])
 
     def open_(g_pre, packed):
-        kept = iter(plan.packing.unpack(packed))
+        kept = iter(plan.packing.unpack(packed)[:plan.kept_count])
         leaves = [next(kept) if f is None else known[f] for f in plan.forwarded]
         g_params, g_x = jax.tree.unflatten(plan.pullback_tree, leaves)(g_pre)
         return grads_packing.pack(jax.tree.leaves(g_params) + [g_x])
 
     def closed(g_pre, packed):
-        return grads_packing.zeros()
+        return grads_packing.empty()
 
-    grads = grads_packing.unpack(lax.cond(gate, open_, closed, g_pre, packed))
+    grads = [_zero_where_closed(gate, g) for g in grads_packing.unpack(lax.cond(gate, open_, closed, g_pre, packed))]
     return None, jax.tree.unflatten(jax.tree.structure(params), grads[:-1]), grads[-1], g_pre, None
 
 

@@ -6,6 +6,7 @@ from typing import Any, Callable, Optional, Union
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from sd_jax.layers.gate import gated_residual
 from sd_jax.layers.survival import scaled_survival
@@ -34,12 +35,20 @@ def draw_gates(key, survival_probs, drop_scale=1.0) -> list:
     """The "block"-mode gates of several blocks in one random call, a boolean scalar each: block i
     open with probability 1 - drop_scale * (1 - p_i). A draw per block compiles to a random-bit
     program per block, which XLA fuses into one kernel whose size slows its fusion passes
-    quadratically (docs/performance.md). Each gate is a reduction of the drawn vector: XLA writes
-    sibling reductions in one kernel, where a slice per gate would be a kernel per gate (a
-    conditional reads its predicate from a buffer of its own)."""
-    drawn = jax.random.bernoulli(key, scaled_survival(jnp.asarray(survival_probs, jnp.float32), drop_scale))
-    index = jnp.arange(drawn.shape[0])
-    return [jnp.any(drawn & (index == i)) for i in range(drawn.shape[0])]
+    quadratically (docs/performance.md). The draw is `jax.random.bernoulli`'s, bit for bit (uniform
+    < p). On a GPU each gate is the comparison of its element of the uniform vector with its
+    probability: XLA writes every gate's comparison in one kernel (a conditional reads its
+    predicate from a buffer of its own; a bare slice per gate would be a kernel each) and fuses it
+    into whatever else reads the gate, so that the choices of the blocks' new BatchNorm statistics
+    (`sd_jax.layers.gate`) share kernels. Elsewhere each gate is a reduction of the drawn booleans,
+    which XLA also writes in one kernel: with the comparisons, XLA:CPU ran a step with every block
+    dropped 9 times slower (ResNet-110: 0.154 against 0.017 s)."""
+    probs = scaled_survival(jnp.asarray(survival_probs, jnp.float32), drop_scale)
+    uniform = jax.random.uniform(key, probs.shape, probs.dtype)
+    index = range(probs.shape[0])
+    compared = lambda u, p: [u[i] < p[i] for i in index]
+    reduced = lambda u, p: [jnp.any((u < p) & (jnp.arange(p.shape[0]) == i)) for i in index]
+    return lax.platform_dependent(uniform, probs, cuda=compared, rocm=compared, default=reduced)
 
 
 def always_survives(survival_prob) -> bool:

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sd_jax.layers.batch_norm import BatchNorm, at_least_float32
+from sd_jax.layers.batch_norm import BatchNorm, at_least_float32, example_mask
 from sd_jax.layers.conv import Conv3x3
 from sd_jax.layers import initializers
 from sd_jax.layers.gate import SAVE_POLICY
@@ -261,6 +261,7 @@ class ResNetCIFAR(nn.Module):
         n = blocks_per_stage(self.depth)
         probs = [float(p) for p in self.survival_probabilities()]
         gates = model_gates(self, probs, train, self.drop_mode, self.gate_certain_blocks, drop_scale)
+        mask = example_mask(mask)
         x = Conv3x3(STAGE_FEATURES[0], dtype=self.dtype, conv_grads=self.conv_grads, init_fan=self.conv_init_fan,
                     name="conv1")(x)
         x = nn.relu(batch_norm(train, self.dtype, "bn1", self.bn_axis_name, self.bn_scale_init)(x, mask))

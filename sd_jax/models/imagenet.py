@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sd_jax.layers import initializers
+from sd_jax.layers.batch_norm import example_mask
 from sd_jax.models.cifar import Stage, batch_norm, classifier, global_average_pool, model_gates
 from sd_jax.layers.stochastic_depth import identity
 from sd_jax.layers.survival import survival_probabilities
@@ -146,6 +147,7 @@ class ResNetImageNet(nn.Module):
     def __call__(self, x, train: bool = False, drop_scale: Any = 1.0, mask=None):
         probs = [float(p) for p in self.survival_probabilities()]
         gates = model_gates(self, probs, train, self.drop_mode, self.gate_certain_blocks, drop_scale)
+        mask = example_mask(mask)
         x = conv(STAGE_WIDTHS[0], 7, 2, self.dtype, "conv1")(x)
         x = nn.relu(batch_norm(train, self.dtype, "bn1", self.bn_axis_name, "ones")(x, mask))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))

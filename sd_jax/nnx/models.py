@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sd_jax.layers.batch_norm import example_mask
 from sd_jax.layers.stochastic_depth import draw_gates, has_gate
 from sd_jax.layers.survival import survival_probabilities
 from sd_jax.models import cifar, imagenet
@@ -161,6 +162,7 @@ class ResNetCIFAR(nnx.Module):
         return cifar.cifar_stage_sizes(self.depth)
 
     def __call__(self, x, *, drop_scale: Any = 1.0, mask=None):
+        mask = example_mask(mask)
         x = jax.nn.relu(self.bn1(self.conv1(x), mask))
         stages = [getattr(self, f"stage{s + 1}") for s in range(len(cifar.STAGE_FEATURES))]
         x = run_stages(stages, self.gate_rngs, x, drop_scale, mask)
@@ -201,6 +203,7 @@ class ResNetImageNet(nnx.Module):
         return imagenet.stage_sizes(self.depth)
 
     def __call__(self, x, *, drop_scale: Any = 1.0, mask=None):
+        mask = example_mask(mask)
         x = jax.nn.relu(self.bn1(self.conv1(x), mask))
         x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         stages = [getattr(self, f"layer{s + 1}") for s in range(len(imagenet.STAGE_WIDTHS))]

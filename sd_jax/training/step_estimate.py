@@ -4,8 +4,10 @@ Every kernel of one iteration of the step loop (the `while` of the training call
 at least the larger of its FLOPs at the chip's peak and its bytes moved at the memory bandwidth,
 plus the target's per-kernel launch cost; a gate's conditional counts its open branch (the one with
 the convolutions) with the block's survival probability and the other with the rest. Bytes are a
-kernel's operands and result as XLA allocates them, FLOPs those of its convolutions and dot
-products (elementwise work is taken as memory-bound). It ignores latency, caches, occupancy and
+kernel's operands and result as XLA allocates them (of an operand a fusion only slices or gathers
+from, the parts it takes; of a buffer a fusion updates in place, the update), FLOPs those of its
+convolutions and dot products (elementwise work is taken as memory-bound); an uninitialised
+buffer (`jax.lax.empty`) costs nothing. It ignores latency, caches, occupancy and
 the tails of small kernels: a real step takes longer. Read from the optimised HLO text
 (`compiled.as_text()`), so it works for every XLA backend.
 """
@@ -23,6 +25,9 @@ INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+) = ")
 FREE = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "after-all", "opt-barrier",
         "add-dependency", "domain", "partition-id", "replica-id"}
 CONTROL = {"while", "conditional", "call"}
+SLICING = {"slice", "dynamic-slice", "gather"}  # read only the part of their first operand they return
+# Custom calls that only name a buffer: `jax.lax.empty` on GPU and TPU (no thunk, nothing written).
+FREE_CUSTOM_CALLS = {"AllocateBuffer"}
 
 
 @dataclasses.dataclass
@@ -32,6 +37,7 @@ class Instruction:
     type: str
     operands: List[str]
     attributes: str
+    number: Optional[int] = None  # a parameter's
 
     @property
     def result_bytes(self) -> float:
@@ -95,7 +101,8 @@ def parse_instruction(line: str) -> Optional[Instruction]:
             end = i
             break
     operands = re.findall(r"%([\w.\-]+)", args[:end])
-    return Instruction(match.group(2), opcode.strip(), type_text, operands, args[end + 1:])
+    number = int(args[:end]) if opcode.strip() == "parameter" else None
+    return Instruction(match.group(2), opcode.strip(), type_text, operands, args[end + 1:], number)
 
 
 def parse_module(text: str):
@@ -121,6 +128,12 @@ def called(instruction: Instruction, key: str) -> List[str]:
     return re.findall(r"%?([\w.\-]+)", match.group(1)) if match else []
 
 
+def custom_call_target(instruction: Instruction) -> str:
+    """The target a custom call names ("" for any other instruction)."""
+    target = re.search(r'custom_call_target="([^"]+)"', instruction.attributes) if instruction.opcode == "custom-call" else None
+    return target.group(1) if target else ""
+
+
 def conv_flops(instruction: Instruction, shapes: Dict[str, str]) -> float:
     """2 x multiply-adds of a convolution (HLO `convolution` or a cuDNN custom call): every element of
     the forward convolution's output sums window x input features (per group) products, of which
@@ -129,8 +142,7 @@ def conv_flops(instruction: Instruction, shapes: Dict[str, str]) -> float:
     labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", instruction.attributes)
     if not labels:
         return 0.0
-    target = re.search(r'custom_call_target="([^"]+)"', instruction.attributes)
-    kind = target.group(1) if target else "forward"
+    kind = custom_call_target(instruction) or "forward"
     operand_types = [shapes.get(name, "") for name in instruction.operands]
     result = ARRAY.findall(instruction.type)
     arrays = {"input": None, "kernel": None, "output": None}
@@ -189,8 +201,7 @@ class Program:
         if instruction.opcode == "dot":
             return dot_flops(instruction, self.shapes)
         if instruction.opcode == "custom-call":
-            target = re.search(r'custom_call_target="([^"]+)"', instruction.attributes)
-            name = target.group(1) if target else ""
+            name = custom_call_target(instruction)
             if "conv" in name:
                 return conv_flops(instruction, self.shapes)
             if "gemm" in name or "matmul" in name:
@@ -200,8 +211,35 @@ class Program:
                        for inner in self.computations.get(computation, []))
         return 0.0
 
+    def moved_bytes(self, instruction: Instruction) -> float:
+        """Bytes a kernel reads and writes: its operands and result, except that what a fusion reads
+        only through slices, dynamic slices and gathers counts as the parts they take (a batch
+        gathered from a dataset on the device), and a dynamic-update-slice at a fusion's root writes
+        its update in place of the buffer it neither reads nor rewrites (a scan stacking a value)."""
+        operands = [array_bytes(self.shapes.get(name, "")) for name in instruction.operands]
+        result = instruction.result_bytes
+        fused = self.computations.get(next(iter(called(instruction, "calls")), ""), []) if instruction.opcode == "fusion" else []
+        if not fused:
+            return result + sum(operands)
+        parameters = {i.name: i.number for i in fused if i.opcode == "parameter"}
+        root = fused[-1]
+        outputs = [root] if root.opcode != "tuple" else [self.instruction(fused, name) for name in root.operands]
+        for output in outputs:
+            if output is not None and output.opcode == "dynamic-update-slice" and output.operands[0] in parameters:
+                result -= output.result_bytes - array_bytes(self.shapes.get(output.operands[1], ""))
+                operands[parameters[output.operands[0]]] = 0.0
+        for name, number in parameters.items():
+            users = [i for i in fused if name in i.operands]
+            if users and all(u.opcode in SLICING and u.operands[0] == name and name not in u.operands[1:] for u in users):
+                operands[number] = min(operands[number], sum(u.result_bytes for u in users))
+        return result + sum(operands)
+
+    @staticmethod
+    def instruction(instructions: List[Instruction], name: str) -> Optional[Instruction]:
+        return next((i for i in instructions if i.name == name), None)
+
     def kernel_cost(self, instruction: Instruction) -> Cost:
-        moved = instruction.result_bytes + sum(array_bytes(self.shapes.get(name, "")) for name in instruction.operands)
+        moved = self.moved_bytes(instruction)
         flops = self.flops(instruction)
         dtypes = ARRAY.findall(" ".join(self.shapes.get(name, "") for name in instruction.operands))
         rate = self.chip.flops_per_s["bf16" if any(d in ("bf16", "f16") for d, _ in dtypes) else "f32"]
@@ -213,7 +251,7 @@ class Program:
         order) the probability of its open branch."""
         total = Cost()
         for instruction in self.computations.get(computation, []):
-            if instruction.opcode in FREE:
+            if instruction.opcode in FREE or custom_call_target(instruction) in FREE_CUSTOM_CALLS:
                 continue
             if instruction.opcode == "while":
                 (body,), (condition,) = called(instruction, "body"), called(instruction, "condition")
