@@ -11,12 +11,12 @@ activation, one kernel per output (docs/performance.md, issue 33). Here:
     backward pass from outside the conditional, not through it;
   - the small outputs (the kept reductions, the parameter gradients, the branch's new state)
     travel packed in one vector per dtype;
-  - a closed branch writes only the block's output: every other output it returns uninitialised
-    (`lax.empty`), and what is chosen outside reads the gate again, `where(gate, value, other)`,
-    fused into the kernels that consume it: the new state (else the old one: a conditional that
-    passed the old state through would copy it, and its outputs could not be written in place of
-    the state a step loop carries), the gradients (else zeros); the kept values are read only by
-    the backward pass's open branch;
+  - a closed branch writes only the block's output: on a GPU every other output it returns
+    uninitialised (`lax.empty`; zeros elsewhere), and what the step reads is chosen outside with
+    the gate, `where(gate, value, other)`, fused into the kernels that consume it: the new state
+    (else the old one: a conditional that passed the old state through would copy it, and its
+    outputs could not be written in place of the state a step loop carries) and, on a GPU, the
+    gradients (else zeros); the kept values are read only by the backward pass's open branch;
   - a ReLU's derivative is read from whether the block's output is positive, kept as a byte per
     element: in a scan the output itself would be kept once more per block (it is the next
     block's input, which the scan keeps too).
