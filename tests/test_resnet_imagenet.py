@@ -103,9 +103,10 @@ def test_scanned_and_unrolled_resnet50_agree_and_each_droppable_block_is_a_condi
                                    rngs={"drop": jax.random.key(3)}, mutable=["batch_stats", "gates"])
         return jnp.sum(logits)
 
-    text = jax.jit(jax.grad(step)).lower(variables["params"]).as_text()
+    text = str(jax.make_jaxpr(jax.grad(step))(variables["params"]))
     forward_and_backward = 2 * 16  # a cond in the forward pass and one in its transpose, per block
-    assert text.count("stablehlo.case") == forward_and_backward
+    # not counting the choices by platform (`lax.platform_dependent`), which lowering resolves
+    assert text.count(" cond[") - text.count("branches_platforms=") == forward_and_backward
 
 
 @pytest.mark.slow
