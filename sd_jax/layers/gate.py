@@ -46,20 +46,24 @@ def _channels_last(flat, shape):
     return jnp.moveaxis(flat.reshape(shape[-1:] + shape[:-1]), 0, -1) if len(shape) > 1 else flat.reshape(shape)
 
 
+def on_gpu(gpu: Callable, elsewhere: Callable, *args):
+    """gpu(*args) on a GPU, elsewhere(*args) on other platforms: chosen when the program is lowered
+    for its platform (`lax.platform_dependent`), so the compiler never sees a conditional."""
+    return lax.platform_dependent(*args, cuda=gpu, rocm=gpu, default=elsewhere)
+
+
 def _unwritten(shape, dtype):
     """An array no kernel writes on a GPU (`lax.empty`: uninitialised); zeros elsewhere. On a TPU an
     uninitialised output of a conditional's branch costs memory (composer's ResNet-50 on one v5e:
     8.68 GiB against 6.58 with zeros; docs/performance.md), and the CPU writes zeros for both."""
-    return lax.platform_dependent(cuda=lambda: lax.empty(shape, dtype), rocm=lambda: lax.empty(shape, dtype),
-                                  default=lambda: jnp.zeros(shape, dtype))
+    return on_gpu(lambda: lax.empty(shape, dtype), lambda: jnp.zeros(shape, dtype))
 
 
 def _zero_where_closed(gate, value):
     """`value`, or zeros where the gate is closed: a closed branch's gradients are `_unwritten`, so
     on a GPU the choice is made here (fused into the kernels that read them); elsewhere they are
     zeros already, and a select would be one more pass over them (XLA:CPU)."""
-    choose = lambda v: jnp.where(gate, v, jnp.zeros_like(v))
-    return lax.platform_dependent(value, cuda=choose, rocm=choose, default=lambda v: v)
+    return on_gpu(lambda v: jnp.where(gate, v, jnp.zeros_like(v)), lambda v: v, value)
 
 
 @jax.tree_util.register_static

@@ -192,7 +192,8 @@ class Program:
 
     def __init__(self, text: str, chip: Chip):
         self.computations, self.entry = parse_module(text)
-        self.shapes = {i.name: i.type for instrs in self.computations.values() for i in instrs}
+        self.instructions = {i.name: i for instrs in self.computations.values() for i in instrs}  # names are module-wide
+        self.shapes = {name: i.type for name, i in self.instructions.items()}
         self.chip = chip
 
     def flops(self, instruction: Instruction) -> float:
@@ -223,20 +224,20 @@ class Program:
             return result + sum(operands)
         parameters = {i.name: i.number for i in fused if i.opcode == "parameter"}
         root = fused[-1]
-        outputs = [root] if root.opcode != "tuple" else [self.instruction(fused, name) for name in root.operands]
+        outputs = [root] if root.opcode != "tuple" else [self.instructions[name] for name in root.operands]
         for output in outputs:
-            if output is not None and output.opcode == "dynamic-update-slice" and output.operands[0] in parameters:
+            if output.opcode == "dynamic-update-slice" and output.operands[0] in parameters:
                 result -= output.result_bytes - array_bytes(self.shapes.get(output.operands[1], ""))
                 operands[parameters[output.operands[0]]] = 0.0
+        users = {name: [] for name in parameters}
+        for inner in fused:
+            for name in set(inner.operands) & users.keys():
+                users[name].append(inner)
         for name, number in parameters.items():
-            users = [i for i in fused if name in i.operands]
-            if users and all(u.opcode in SLICING and u.operands[0] == name and name not in u.operands[1:] for u in users):
-                operands[number] = min(operands[number], sum(u.result_bytes for u in users))
+            if users[name] and all(u.opcode in SLICING and u.operands[0] == name and name not in u.operands[1:]
+                                   for u in users[name]):
+                operands[number] = min(operands[number], sum(u.result_bytes for u in users[name]))
         return result + sum(operands)
-
-    @staticmethod
-    def instruction(instructions: List[Instruction], name: str) -> Optional[Instruction]:
-        return next((i for i in instructions if i.name == name), None)
 
     def kernel_cost(self, instruction: Instruction) -> Cost:
         moved = self.moved_bytes(instruction)
